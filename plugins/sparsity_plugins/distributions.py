@@ -1,0 +1,119 @@
+"""Built-in layer-wise density distributions: uniform, Erdos-Renyi (ER) and ER-Kernel (ERK).
+
+All three share one routine: each sparse layer ``l`` gets density ``eps * raw_l`` with one
+global ``eps`` chosen so the parameter-weighted density equals the target; a layer whose density
+would exceed 1 is made dense and ``eps`` is solved again over the rest (as in RigL's ERK).
+Layers matching ``dense`` patterns are kept dense and count toward the global budget.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
+
+from sparsity_core import LayerSpec, hookimpl
+from sparsity_core.errors import ConfigError
+
+from ._validators import positive, str_tuple
+
+
+def scaled_densities(
+    owner: object,
+    layers: Sequence[LayerSpec],
+    density: float,
+    raw: Callable[[LayerSpec], float],
+    dense_patterns: Sequence[str],
+) -> Mapping[str, float]:
+    """Densities proportional to ``raw`` (capped at 1) with the exact global ``density``."""
+    name = type(owner).__name__
+    for pattern in dense_patterns:
+        if not any(fnmatch.fnmatchcase(spec.fqn, pattern) for spec in layers):
+            raise ConfigError(
+                f"{name}.dense pattern {pattern!r} matches no sparse layer; layers: "
+                f"{[spec.fqn for spec in layers]}."
+            )
+    dense = {
+        spec.fqn for spec in layers if any(fnmatch.fnmatchcase(spec.fqn, p) for p in dense_patterns)
+    }
+    total = sum(spec.numel for spec in layers)
+    target = density * total
+    while True:
+        dense_params = sum(spec.numel for spec in layers if spec.fqn in dense)
+        sparse = [spec for spec in layers if spec.fqn not in dense]
+        remaining = target - dense_params
+        if not sparse:
+            if remaining < -1e-9 * total:
+                break
+            return {spec.fqn: 1.0 for spec in layers}
+        if remaining <= 0:
+            break
+        eps = remaining / sum(raw(spec) * spec.numel for spec in sparse)
+        overflow = [spec for spec in sparse if eps * raw(spec) > 1.0]
+        if not overflow:
+            out = {spec.fqn: 1.0 for spec in layers if spec.fqn in dense}
+            out.update({spec.fqn: eps * raw(spec) for spec in sparse})
+            return out
+        dense.add(max(overflow, key=raw).fqn)
+    minimum = sum(spec.numel for spec in layers if spec.fqn in set(dense)) / total
+    raise ConfigError(
+        f"{name}: a global density of {density:.4g} cannot be met while keeping layers "
+        f"{sorted(dense)} dense (they alone need density {minimum:.4g}); raise the density or "
+        f"shorten {name}.dense."
+    )
+
+
+def _er_raw(spec: LayerSpec) -> float:
+    n_in = spec.shape[1] if len(spec.shape) > 1 else 1
+    return (spec.fan_out + n_in) / (spec.fan_out * n_in)
+
+
+def _erk_raw(spec: LayerSpec) -> float:
+    return sum(spec.shape) / spec.numel
+
+
+@attrs.frozen
+class Uniform:
+    """The same density in every sparse layer (layers in ``dense`` excepted)."""
+
+    dense: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
+
+    def densities(self, layers: Sequence[LayerSpec], density: float) -> Mapping[str, float]:
+        return scaled_densities(self, layers, density, lambda spec: 1.0, self.dense)
+
+
+@attrs.frozen
+class ErdosRenyi:
+    """Density proportional to ``(n_in + n_out) / (n_in * n_out)`` (SET); channels only."""
+
+    dense: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
+    power: float = attrs.field(default=1.0, converter=float, validator=positive)
+
+    def densities(self, layers: Sequence[LayerSpec], density: float) -> Mapping[str, float]:
+        return scaled_densities(
+            self, layers, density, lambda s: _er_raw(s) ** self.power, self.dense
+        )
+
+
+@attrs.frozen
+class ErdosRenyiKernel:
+    """Density proportional to ``sum(shape) / prod(shape)``, kernel sizes included (RigL's ERK)."""
+
+    dense: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
+    power: float = attrs.field(default=1.0, converter=float, validator=positive)
+
+    def densities(self, layers: Sequence[LayerSpec], density: float) -> Mapping[str, float]:
+        return scaled_densities(
+            self, layers, density, lambda s: _erk_raw(s) ** self.power, self.dense
+        )
+
+
+@hookimpl
+def sparsity_register_distributions(register) -> None:
+    register("uniform", Uniform, summary="same density per layer")
+    register("er", ErdosRenyi, summary="Erdos-Renyi: (n_in + n_out) / (n_in * n_out)")
+    register("erk", ErdosRenyiKernel, summary="Erdos-Renyi-Kernel: sum(shape) / prod(shape) (RigL)")
+
+
+__all__ = ["ErdosRenyi", "ErdosRenyiKernel", "Uniform", "scaled_densities"]

@@ -1,0 +1,77 @@
+"""sparsity-core: dynamic sparse training for PyTorch with pluggable, property-tested parts.
+
+Importing this package loads no plugin; the registry is built on first use.
+"""
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from .config import DSTConfig, preset
+from .context import ScoreContext
+from .errors import (
+    CapabilityError,
+    CheckpointError,
+    ConfigError,
+    DuplicateComponentError,
+    LayerError,
+    NoBuiltinsError,
+    OptimizerError,
+    PluginLoadError,
+    SparsityError,
+    UnknownComponentError,
+    UpdateError,
+)
+from .hookspecs import hookimpl, hookspec
+from .layers import LayerSpec
+from .protocols import (
+    Capabilities,
+    Distribution,
+    DropSchedule,
+    GrowthCriterion,
+    PruneCriterion,
+    StorageFormat,
+    StructureConstraint,
+)
+from .registry import ComponentType, Registry, get_plugin_manager, get_registry
+from .scheduler import DSTScheduler
+from .telemetry import LayerSummary, UpdateRecord
+
+try:
+    __version__ = _version("sparsity-core")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "Capabilities",
+    "CapabilityError",
+    "CheckpointError",
+    "ComponentType",
+    "ConfigError",
+    "DSTConfig",
+    "DSTScheduler",
+    "Distribution",
+    "DropSchedule",
+    "DuplicateComponentError",
+    "GrowthCriterion",
+    "LayerError",
+    "LayerSpec",
+    "LayerSummary",
+    "NoBuiltinsError",
+    "OptimizerError",
+    "PluginLoadError",
+    "PruneCriterion",
+    "Registry",
+    "ScoreContext",
+    "SparsityError",
+    "StorageFormat",
+    "StructureConstraint",
+    "UnknownComponentError",
+    "UpdateError",
+    "UpdateRecord",
+    "__version__",
+    "get_plugin_manager",
+    "get_registry",
+    "hookimpl",
+    "hookspec",
+    "preset",
+]

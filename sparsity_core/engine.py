@@ -1,0 +1,190 @@
+"""The generic drop-then-grow update, shared by every method.
+
+RigL, SET and the others differ only in the criteria that score; structures enter only through
+``StructureConstraint.keep`` (the drop) and ``StructureConstraint.fill`` (the grow). An update
+is computed for every layer first and committed only when all layers succeeded, so a failing
+plugin leaves the model and masks untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from .context import ScoreContext
+from .errors import UpdateError
+from .layers import LayerSpec
+from .optim_state import reset_state_at
+from .rng import make_generator
+from .telemetry import UpdateRecord, active_neurons
+
+__all__ = ["LayerState", "MaskChange", "commit_change", "compute_change", "plan_initial_mask"]
+
+
+@attrs.define(eq=False)
+class LayerState:
+    """The mutable sparse state of one layer (tensors, so identity-compared)."""
+
+    spec: LayerSpec
+    module: nn.Module
+    mask: torch.Tensor
+    budget: int
+    ever_active: torch.Tensor
+    grad_momentum: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+
+@attrs.define(eq=False)
+class MaskChange:
+    """A computed, not yet applied, update of one layer."""
+
+    new_mask: torch.Tensor
+    dropped: torch.Tensor
+    grown: torch.Tensor
+
+
+def _component_name(component: Any) -> str:
+    return type(component).__name__
+
+
+def _checked_scores(
+    role: str, component: Any, scores: Any, spec: LayerSpec, weight: torch.Tensor
+) -> torch.Tensor:
+    if not isinstance(scores, torch.Tensor):
+        raise UpdateError(
+            f"{role} criterion {_component_name(component)} returned {type(scores).__name__} for "
+            f"layer {spec.fqn!r}; scores(ctx) must return a tensor shaped like the weight."
+        )
+    if tuple(scores.shape) != tuple(weight.shape):
+        raise UpdateError(
+            f"{role} criterion {_component_name(component)} returned scores of shape "
+            f"{tuple(scores.shape)} for layer {spec.fqn!r} whose weight has shape "
+            f"{tuple(weight.shape)}; return one score per weight."
+        )
+    if scores.device != weight.device:
+        raise UpdateError(
+            f"{role} criterion {_component_name(component)} returned scores on {scores.device} "
+            f"for layer {spec.fqn!r} on {weight.device}; compute scores on the weight's device."
+        )
+    if not (scores.is_floating_point() or scores.dtype in (torch.int32, torch.int64, torch.bool)):
+        raise UpdateError(
+            f"{role} criterion {_component_name(component)} returned scores of dtype "
+            f"{scores.dtype} for layer {spec.fqn!r}; return a real-valued tensor."
+        )
+    return scores
+
+
+def _score(role: str, component: Any, ctx: ScoreContext) -> torch.Tensor:
+    try:
+        scores = component.scores(ctx)
+    except UpdateError:
+        raise
+    except Exception as exc:
+        raise UpdateError(
+            f"{role} criterion {_component_name(component)} failed on layer {ctx.spec.fqn!r} at "
+            f"step {ctx.step}: {type(exc).__name__}: {exc}. The update was not applied; masks "
+            f"and weights are unchanged."
+        ) from exc
+    return _checked_scores(role, component, scores, ctx.spec, ctx.weight)
+
+
+def compute_change(
+    layer: LayerState,
+    *,
+    prune: Any,
+    grow: Any,
+    structure: Any,
+    fraction: float,
+    step: int,
+    seed: int,
+    inputs: Mapping[str, Any],
+) -> MaskChange:
+    """Drop the lowest-priority active weights, then grow as many from the inactive ones.
+
+    Args:
+        inputs: optional context inputs already captured for this layer (``grad``,
+            ``optimizer_state``, ``grad_momentum``, ``ever_active``), by capability.
+    """
+    spec, mask, weight = layer.spec, layer.mask, layer.weight.detach()
+    device = weight.device
+    prune_ctx = ScoreContext(
+        spec, step, weight, mask, make_generator(seed, spec.fqn, step, "prune", device), **inputs
+    )
+    keep = structure.keep(_score("prune", prune, prune_ctx), mask, fraction, spec)
+    if keep.dtype != torch.bool or keep.shape != mask.shape or bool((keep & ~mask).any()):
+        raise UpdateError(
+            f"structure {_component_name(structure)} kept positions that were not active on "
+            f"layer {spec.fqn!r}; keep() must return a boolean subset of the mask."
+        )
+    grow_ctx = ScoreContext(
+        spec, step, weight, keep, make_generator(seed, spec.fqn, step, "grow", device), **inputs
+    )
+    # Candidates exclude what was just dropped: a drop is never undone in the same update.
+    candidates = ~mask
+    new_mask = structure.fill(_score("grow", grow, grow_ctx), keep, candidates, layer.budget, spec)
+    grown = new_mask & ~keep
+    if (
+        new_mask.dtype != torch.bool
+        or new_mask.shape != mask.shape
+        or int(new_mask.sum()) != layer.budget
+        or bool((keep & ~new_mask).any())
+        or bool((grown & ~candidates).any())
+    ):
+        raise UpdateError(
+            f"structure {_component_name(structure)} returned an invalid mask for layer "
+            f"{spec.fqn!r}: fill() must keep the base, add only candidates and hold exactly the "
+            f"budget of {layer.budget} (got {int(new_mask.sum())})."
+        )
+    return MaskChange(new_mask=new_mask, dropped=mask & ~keep, grown=grown)
+
+
+@torch.no_grad()
+def commit_change(
+    layer: LayerState,
+    change: MaskChange,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    fraction: float,
+) -> UpdateRecord:
+    """Apply a computed change in place: mask, weights, optimizer state, history."""
+    layer.mask.copy_(change.new_mask)
+    # Grown weights start at exactly zero; dropped ones become zero.
+    layer.weight.masked_fill_(~change.new_mask | change.grown, 0)
+    changed = change.dropped | change.grown
+    reset_state_at(optimizer, layer.weight, changed)
+    layer.ever_active |= change.new_mask
+    return UpdateRecord(
+        fqn=layer.spec.fqn,
+        step=step,
+        fraction=fraction,
+        dropped=int(change.dropped.sum()),
+        grown=int(change.grown.sum()),
+        active=int(change.new_mask.sum()),
+        numel=layer.spec.numel,
+        active_neurons=active_neurons(change.new_mask),
+        fan_out=layer.spec.fan_out,
+        ever_active=int(layer.ever_active.sum()),
+    )
+
+
+def plan_initial_mask(
+    spec: LayerSpec, structure: Any, budget: int, seed: int, device: torch.device
+) -> torch.Tensor:
+    """A uniformly random mask with ``budget`` active positions that satisfies ``structure``."""
+    gen = make_generator(seed, spec.fqn, 0, "init", device)
+    scores = torch.rand(spec.shape, generator=gen, device=device)
+    empty = torch.zeros(spec.shape, dtype=torch.bool, device=device)
+    mask = structure.fill(scores, empty, ~empty, budget, spec)
+    if int(mask.sum()) != budget or not structure.satisfied(mask, spec, budget):
+        raise UpdateError(
+            f"structure {_component_name(structure)} could not build an initial mask with "
+            f"{budget} active weights for layer {spec.fqn!r}."
+        )
+    return mask

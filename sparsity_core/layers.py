@@ -1,0 +1,112 @@
+"""Which layers are sparse, and the static facts the engine needs about each."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+
+import attrs
+import torch
+from torch import nn
+
+from .errors import ConfigError, LayerError
+
+__all__ = ["SUPPORTED_LAYER_TYPES", "LayerSpec", "select_layers"]
+
+SUPPORTED_LAYER_TYPES: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+}
+
+
+@attrs.frozen
+class LayerSpec:
+    """A sparse layer's name and weight geometry.
+
+    The weight is seen as a matrix ``[fan_out, fan_in]``: for a convolution, ``fan_in`` is
+    ``C_in/groups * kh * kw`` in PyTorch's contiguous ``(C_in, kh, kw)`` order, so row ``o`` of
+    ``weight.reshape(fan_out, -1)`` holds output channel ``o``'s inputs.
+    """
+
+    fqn: str
+    shape: tuple[int, ...] = attrs.field(converter=tuple)
+    layer_type: str = "Linear"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def fan_out(self) -> int:
+        return self.shape[0]
+
+    @property
+    def fan_in(self) -> int:
+        return self.numel // self.shape[0] if self.shape[0] else 0
+
+    @property
+    def kernel_numel(self) -> int:
+        """Product of the kernel's spatial sizes (1 for Linear)."""
+        return math.prod(self.shape[2:]) if len(self.shape) > 2 else 1
+
+    @classmethod
+    def of(cls, fqn: str, module: nn.Module) -> LayerSpec:
+        return cls(fqn, tuple(module.weight.shape), type(module).__name__)
+
+
+def _matches(fqn: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+
+
+def select_layers(
+    model: nn.Module,
+    *,
+    layer_types: Sequence[str] = tuple(SUPPORTED_LAYER_TYPES),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[tuple[LayerSpec, nn.Module]]:
+    """The layers of ``model`` to sparsify, in module order.
+
+    Args:
+        layer_types: class names among ``Linear``, ``Conv1d``, ``Conv2d`` (subclasses count).
+        include: fnmatch patterns on the fully qualified name; empty means every layer of
+            ``layer_types``.
+        exclude: fnmatch patterns removed after ``include``.
+    """
+    unknown = [t for t in layer_types if t not in SUPPORTED_LAYER_TYPES]
+    if unknown:
+        raise ConfigError(
+            f"layer_types {unknown} are not supported; choose among "
+            f"{sorted(SUPPORTED_LAYER_TYPES)}."
+        )
+    classes = tuple(SUPPORTED_LAYER_TYPES[t] for t in layer_types)
+    chosen: list[tuple[LayerSpec, nn.Module]] = []
+    for fqn, module in model.named_modules():
+        if not isinstance(module, classes):
+            continue
+        if include and not _matches(fqn, include):
+            continue
+        if exclude and _matches(fqn, exclude):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+            raise LayerError(
+                f"layer {fqn!r} ({type(module).__name__}) has no parameters to sparsify "
+                f"(weight shape {None if weight is None else tuple(weight.shape)}); exclude it "
+                f"with exclude=[{fqn!r}]."
+            )
+        chosen.append((LayerSpec.of(fqn, module), module))
+    if not chosen:
+        raise ConfigError(
+            f"no layer of {type(model).__name__} matches layer_types={list(layer_types)}, "
+            f"include={list(include)}, exclude={list(exclude)}; widen the selection."
+        )
+    for pattern in include:
+        if not any(fnmatch.fnmatchcase(spec.fqn, pattern) for spec, _ in chosen):
+            raise ConfigError(
+                f"include pattern {pattern!r} matches no {'/'.join(layer_types)} layer; "
+                f"available: {[n for n, m in model.named_modules() if isinstance(m, classes)]}."
+            )
+    return chosen

@@ -1,0 +1,152 @@
+"""The component interfaces: small protocols with one job each.
+
+Components are usually ``attrs.frozen`` classes whose fields are their hyper-parameters, so
+they compare by value, hash, print, and serialise as ``{"kind": name, **fields}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import attrs
+
+if TYPE_CHECKING:
+    import torch
+
+    from .context import ScoreContext
+    from .layers import LayerSpec
+
+__all__ = [
+    "Capabilities",
+    "Distribution",
+    "DropSchedule",
+    "GrowthCriterion",
+    "PruneCriterion",
+    "StorageFormat",
+    "StructureConstraint",
+    "capabilities_of",
+]
+
+
+@attrs.frozen
+class Capabilities:
+    """What a criterion reads, so the engine captures only that.
+
+    Attributes:
+        needs_grad: reads ``ctx.grad``, the dense gradient of the update step (captured only on
+            update steps, before inactive gradients are zeroed).
+        needs_optimizer_state: reads ``ctx.optimizer_state`` (state tensors shaped like the
+            weight).
+        grad_momentum: reads ``ctx.grad_momentum``, an exponential moving average of the dense
+            gradient with this coefficient, which the engine keeps on every step for the layers
+            that use the criterion (a full-size buffer: only request it when needed).
+        stochastic: draws from ``ctx.generator``.
+        needs_ever_active: reads ``ctx.ever_active`` (positions active at any time so far).
+    """
+
+    needs_grad: bool = False
+    needs_optimizer_state: bool = False
+    grad_momentum: float | None = None
+    stochastic: bool = False
+    needs_ever_active: bool = False
+
+
+def capabilities_of(component: Any) -> Capabilities:
+    """A component's declared capabilities (none declared means it reads only weight and mask)."""
+    caps = getattr(component, "capabilities", None)
+    return caps if isinstance(caps, Capabilities) else Capabilities()
+
+
+@runtime_checkable
+class PruneCriterion(Protocol):
+    """Scores active weights; higher scores are kept.
+
+    ``scores`` returns a tensor shaped like ``ctx.weight`` and mutates nothing. Only scores at
+    active positions matter. Non-finite scores are treated as the lowest priority.
+    Randomness comes only from ``ctx.generator``.
+    """
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class GrowthCriterion(Protocol):
+    """Scores inactive weights; higher scores are grown first (same rules as PruneCriterion)."""
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class StructureConstraint(Protocol):
+    """A structure the mask must satisfy, seen as groups that each keep a fixed count.
+
+    All masks are boolean tensors shaped like the weight.
+    """
+
+    def validate(self, spec: LayerSpec) -> None:
+        """Raise :class:`~sparsity_core.errors.LayerError` if ``spec`` cannot hold the structure."""
+
+    def budget(self, spec: LayerSpec, density: float) -> int:
+        """The exact number of active weights this structure allows nearest to ``density``."""
+
+    def keep(
+        self, scores: torch.Tensor, mask: torch.Tensor, fraction: float, spec: LayerSpec
+    ) -> torch.Tensor:
+        """The drop: a subset of ``mask`` keeping the highest scores, about ``1 - fraction``.
+
+        Never drops more than can be regrown from positions that were inactive before the
+        update (so a drop is never undone in the same update).
+        """
+
+    def fill(
+        self,
+        scores: torch.Tensor,
+        base: torch.Tensor,
+        candidates: torch.Tensor,
+        budget: int,
+        spec: LayerSpec,
+    ) -> torch.Tensor:
+        """The grow: a superset of ``base`` with exactly ``budget`` active that satisfies the
+        structure, adding the highest-scoring ``candidates`` only."""
+
+    def satisfied(self, mask: torch.Tensor, spec: LayerSpec, budget: int) -> bool:
+        """Whether ``mask`` satisfies the structure with exactly ``budget`` active."""
+
+
+@runtime_checkable
+class Distribution(Protocol):
+    """Spreads a global density over layers."""
+
+    def densities(self, layers: Sequence[LayerSpec], density: float) -> Mapping[str, float]:
+        """``{fqn: density in (0, 1]}`` whose parameter-weighted mean is ``density``."""
+
+
+@runtime_checkable
+class DropSchedule(Protocol):
+    """The fraction of each layer's active weights to drop at an update step."""
+
+    def fraction(self, step: int, t_end: int) -> float:
+        """A value in ``[0, 1]`` for update step ``step`` when updates end at ``t_end``."""
+
+
+@runtime_checkable
+class StorageFormat(Protocol):
+    """A storage format for a sparse weight (the oracle is ``dense_masked``)."""
+
+    def supports(self, structures: Sequence[Any]) -> bool:
+        """Whether weights constrained by ``structures`` can be stored in this format."""
+
+    def pack(self, weight: torch.Tensor, mask: torch.Tensor) -> Any:
+        """Pack ``weight`` where ``mask`` is set (a live weight equal to 0 is kept)."""
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        """The dense tensor ``weight * mask`` (exactly)."""
+
+    def linear(
+        self, packed: Any, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``F.linear(x, weight * mask, bias)`` computed from the packed form."""
+
+    def nbytes(self, packed: Any) -> int:
+        """Bytes held by the packed form."""

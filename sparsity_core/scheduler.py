@@ -1,0 +1,390 @@
+"""``DSTScheduler``: keeps a model sparse and updates its topology every ΔT optimizer steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from .config import DSTConfig
+from .engine import LayerState, MaskChange, commit_change, compute_change, plan_initial_mask
+from .errors import CheckpointError, ConfigError, LayerError, UpdateError
+from .layers import LayerSpec, select_layers
+from .optim_state import check_optimizer_holds, param_shaped_state, reset_state_at
+from .protocols import Capabilities, capabilities_of
+from .registry import Registry, get_registry
+from .telemetry import LayerSummary, UpdateRecord, active_neurons, itop_rate
+
+__all__ = ["SCHEMA_VERSION", "DSTScheduler"]
+
+SCHEMA_VERSION = 1
+
+
+def _merge(a: Capabilities, b: Capabilities) -> Capabilities:
+    momenta = {m for m in (a.grad_momentum, b.grad_momentum) if m is not None}
+    if len(momenta) > 1:
+        raise ConfigError(
+            f"prune and grow criteria ask for different gradient momenta {sorted(momenta)}; "
+            f"use one coefficient."
+        )
+    return Capabilities(
+        needs_grad=a.needs_grad or b.needs_grad,
+        needs_optimizer_state=a.needs_optimizer_state or b.needs_optimizer_state,
+        grad_momentum=next(iter(momenta), None),
+        stochastic=a.stochastic or b.stochastic,
+        needs_ever_active=a.needs_ever_active or b.needs_ever_active,
+    )
+
+
+class DSTScheduler:
+    """Dynamic sparse training for any model with Linear / Conv1d / Conv2d layers.
+
+    Call :meth:`step` once per training iteration, after ``optimizer.step()``. Between
+    updates it costs two in-place ops per layer and step (zeroing inactive gradients before the
+    optimizer step and inactive weights after it, through optimizer hooks). Every ``delta_t``
+    steps it drops and regrows weights and returns one :class:`UpdateRecord` per layer.
+
+    Args:
+        model: the model to sparsify (its layers are selected by ``config``).
+        optimizer: the optimizer that holds the model's parameters.
+        config: the method; see :class:`DSTConfig` and :func:`sparsity_core.preset`.
+        total_steps: optimizer steps in the run (checks ``t_end``, and sets it to 75% of the
+            run when ``config.t_end`` is None).
+        registry: the component registry (default: the process-wide one).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: DSTConfig,
+        *,
+        total_steps: int | None = None,
+        registry: Registry | None = None,
+        _masks: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        if not isinstance(config, DSTConfig):
+            raise ConfigError(f"DSTScheduler needs a DSTConfig, got {type(config).__name__}.")
+        if total_steps is not None and (isinstance(total_steps, bool) or total_steps < 1):
+            raise ConfigError(f"total_steps={total_steps!r} must be a positive integer.")
+        if len(config.structures) != 1:
+            raise ConfigError(
+                f"DSTConfig.structures={config.structures!r}: combining several structures is "
+                f"not supported yet; give exactly one structure."
+            )
+        self.config = attrs.evolve(config, t_end=config.resolved_t_end(total_steps))
+        self.total_steps = total_steps
+        self.registry = registry or get_registry()
+        self.optimizer = optimizer
+        self.structure = self.config.structures[0]
+        self._caps = _merge(capabilities_of(self.config.prune), capabilities_of(self.config.grow))
+        chosen = select_layers(
+            model,
+            layer_types=self.config.layer_types,
+            include=self.config.include,
+            exclude=self.config.exclude,
+        )
+        check_optimizer_holds(optimizer, [(spec.fqn, module.weight) for spec, module in chosen])
+        specs = [spec for spec, _ in chosen]
+        for spec in specs:
+            self.structure.validate(spec)
+        budgets = self._budgets(specs)
+        self.layers: dict[str, LayerState] = {}
+        for spec, module in chosen:
+            device = module.weight.device
+            if _masks is not None:
+                mask = _masks[spec.fqn].to(device=device, dtype=torch.bool).clone()
+            else:
+                mask = plan_initial_mask(
+                    spec, self.structure, budgets[spec.fqn], self.config.seed, device
+                )
+            momentum = None
+            if self._caps.grad_momentum is not None:
+                momentum = torch.zeros_like(module.weight, memory_format=torch.contiguous_format)
+            self.layers[spec.fqn] = LayerState(
+                spec, module, mask, budgets[spec.fqn], mask.clone(), momentum
+            )
+        self._step = 0
+        self.history: list[UpdateRecord] = []
+        self._captured_grads: dict[str, torch.Tensor] = {}
+        self._apply_masks(reset_optimizer=True)
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._before_optimizer_step),
+            optimizer.register_step_post_hook(self._after_optimizer_step),
+        ]
+
+    # -- construction helpers -------------------------------------------------------------------
+
+    def _budgets(self, specs: Sequence[LayerSpec]) -> dict[str, int]:
+        """Exact integer budgets from the distribution's densities, checked per layer."""
+        densities = dict(self.config.distribution.densities(specs, self.config.density))
+        budgets: dict[str, int] = {}
+        for spec in specs:
+            if spec.fqn not in densities:
+                raise ConfigError(
+                    f"distribution {type(self.config.distribution).__name__} gave no density for "
+                    f"layer {spec.fqn!r}."
+                )
+            d = densities[spec.fqn]
+            if not (0.0 < d <= 1.0) or math.isnan(d):
+                raise ConfigError(
+                    f"distribution {type(self.config.distribution).__name__} gave layer "
+                    f"{spec.fqn!r} density {d!r}, outside (0, 1]."
+                )
+            budget = int(self.structure.budget(spec, d))
+            if budget < 1:
+                raise LayerError(
+                    f"layer {spec.fqn!r} (shape {spec.shape}, {spec.numel} weights) gets density "
+                    f"{d:.3g}, which leaves it no weight at all. Raise the density, keep it dense "
+                    f"through the distribution (dense=[{spec.fqn!r}]) or exclude it "
+                    f"(exclude=[{spec.fqn!r}])."
+                )
+            budgets[spec.fqn] = budget
+        return budgets
+
+    @torch.no_grad()
+    def _apply_masks(self, *, reset_optimizer: bool) -> None:
+        for layer in self.layers.values():
+            layer.weight.masked_fill_(~layer.mask, 0)
+            if reset_optimizer:
+                reset_state_at(self.optimizer, layer.weight, ~layer.mask)
+
+    # -- per-step hooks (the hot path: keep them cheap) ----------------------------------------
+
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        capture = self._caps.needs_grad and self.is_update_step(self._step + 1)
+        beta = self._caps.grad_momentum
+        for fqn, layer in self.layers.items():
+            grad = layer.weight.grad
+            if grad is None:
+                continue
+            if capture:
+                self._captured_grads[fqn] = grad.detach().clone()
+            if beta is not None and self._step < self.config.t_end:
+                layer.grad_momentum.mul_(beta).add_(grad.detach(), alpha=1.0 - beta)
+            grad.masked_fill_(~layer.mask, 0)
+
+    @torch.no_grad()
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        for layer in self.layers.values():
+            layer.weight.masked_fill_(~layer.mask, 0)
+
+    # -- public API -----------------------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps seen so far (calls to :meth:`step`)."""
+        return self._step
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The live boolean masks by layer name (updated in place; do not modify)."""
+        return {fqn: layer.mask for fqn, layer in self.layers.items()}
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether the topology changes at ``step`` (before any drop-fraction check)."""
+        c = self.config
+        return step % c.delta_t == 0 and c.t_start < step < c.t_end
+
+    def step(self) -> list[UpdateRecord]:
+        """Advance one optimizer step; on update steps change the topology and return records."""
+        self._step += 1
+        step = self._step
+        try:
+            if not self.is_update_step(step):
+                return []
+            fraction = float(self.config.drop.fraction(step, self.config.t_end))
+            if not (0.0 <= fraction <= 1.0):
+                raise UpdateError(
+                    f"drop schedule {type(self.config.drop).__name__} returned fraction "
+                    f"{fraction!r} at step {step}; fractions must lie in [0, 1]."
+                )
+            if fraction == 0.0:
+                return []
+            records = self._update(step, fraction)
+        finally:
+            self._captured_grads.clear()
+        self.history.extend(records)
+        self.registry.call_observers(scheduler=self, step=step, records=records)
+        return records
+
+    def _inputs(self, fqn: str, layer: LayerState) -> dict[str, Any]:
+        caps, inputs = self._caps, {}
+        if caps.needs_grad:
+            grad = self._captured_grads.get(fqn)
+            inputs["grad"] = grad if grad is not None else torch.zeros_like(layer.weight)
+        if caps.needs_optimizer_state:
+            inputs["optimizer_state"] = param_shaped_state(self.optimizer, layer.weight)
+        if caps.grad_momentum is not None:
+            inputs["grad_momentum"] = layer.grad_momentum
+        if caps.needs_ever_active:
+            inputs["ever_active"] = layer.ever_active
+        return inputs
+
+    def _update(self, step: int, fraction: float) -> list[UpdateRecord]:
+        changes: dict[str, MaskChange] = {}
+        for fqn, layer in self.layers.items():
+            changes[fqn] = compute_change(
+                layer,
+                prune=self.config.prune,
+                grow=self.config.grow,
+                structure=self.structure,
+                fraction=fraction,
+                step=step,
+                seed=self.config.seed,
+                inputs=self._inputs(fqn, layer),
+            )
+        # Every layer computed without error: now commit (all or nothing).
+        return [
+            commit_change(self.layers[fqn], change, self.optimizer, step, fraction)
+            for fqn, change in changes.items()
+        ]
+
+    def summary(self) -> list[LayerSummary]:
+        """Each layer's budget, active neurons and ever-active count now."""
+        return [
+            LayerSummary(
+                fqn=fqn,
+                shape=layer.spec.shape,
+                budget=layer.budget,
+                numel=layer.spec.numel,
+                active_neurons=active_neurons(layer.mask),
+                fan_out=layer.spec.fan_out,
+                ever_active=int(layer.ever_active.sum()),
+            )
+            for fqn, layer in self.layers.items()
+        ]
+
+    def itop_rate(self) -> float:
+        """Fraction of the sparse layers' weights that have been active at any time."""
+        return itop_rate(self.summary())
+
+    def density(self) -> float:
+        """Achieved global density over the sparse layers."""
+        total = sum(layer.spec.numel for layer in self.layers.values())
+        return sum(layer.budget for layer in self.layers.values()) / total
+
+    def remove(self) -> None:
+        """Detach the optimizer hooks (the masks stop being enforced)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Config (by plugin names), step, masks and history; loads with ``weights_only=True``."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "config": self.config.to_dict(self.registry),
+            "step": self._step,
+            "layers": {
+                fqn: {"shape": list(layer.spec.shape), "budget": layer.budget}
+                for fqn, layer in self.layers.items()
+            },
+            "masks": {fqn: layer.mask.detach().cpu().clone() for fqn, layer in self.layers.items()},
+            "ever_active": {
+                fqn: layer.ever_active.detach().cpu().clone() for fqn, layer in self.layers.items()
+            },
+            "grad_momentum": {
+                fqn: layer.grad_momentum.detach().cpu().clone()
+                for fqn, layer in self.layers.items()
+                if layer.grad_momentum is not None
+            },
+            "history": [record.to_dict() for record in self.history],
+        }
+
+    @staticmethod
+    def _check_schema(state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or "schema_version" not in state:
+            raise CheckpointError(
+                "this is not a DSTScheduler state dict (no 'schema_version'); pass the dict "
+                "returned by scheduler.state_dict()."
+            )
+        version = state["schema_version"]
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise CheckpointError(
+                f"checkpoint schema version {version!r} is newer than this sparsity-core "
+                f"understands ({SCHEMA_VERSION}); upgrade sparsity-core to load it."
+            )
+        missing = {"config", "step", "layers", "masks", "ever_active"} - set(state)
+        if missing:
+            raise CheckpointError(
+                f"checkpoint is missing keys {sorted(missing)}; it is truncated or not ours."
+            )
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: Mapping[str, Any],
+        *,
+        registry: Registry | None = None,
+    ) -> DSTScheduler:
+        """Rebuild a scheduler from a checkpoint (config included), without a random initial mask.
+
+        Use this to resume: it never zeroes weights that the saved masks keep.
+        """
+        cls._check_schema(state)
+        config = DSTConfig.from_dict(state["config"])
+        scheduler = cls(model, optimizer, config, registry=registry, _masks=state["masks"])
+        scheduler.load_state_dict(state)
+        return scheduler
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore step, masks and history from :meth:`state_dict` (same config and layers)."""
+        self._check_schema(state)
+        mine = self.config.to_dict(self.registry)
+        if dict(state["config"]) != mine:
+            diff = sorted(
+                k for k in set(mine) | set(state["config"]) if mine.get(k) != state["config"].get(k)
+            )
+            raise CheckpointError(
+                f"checkpoint config differs from this scheduler's in {diff}; build the scheduler "
+                f"with DSTScheduler.from_state_dict(model, optimizer, state) to use its config."
+            )
+        saved_layers = dict(state["layers"])
+        if set(saved_layers) != set(self.layers):
+            raise CheckpointError(
+                f"checkpoint layers {sorted(saved_layers)} differ from this model's sparse layers "
+                f"{sorted(self.layers)}; load it into the same architecture."
+            )
+        for fqn, layer in self.layers.items():
+            saved = saved_layers[fqn]
+            if tuple(saved["shape"]) != layer.spec.shape or int(saved["budget"]) != layer.budget:
+                raise CheckpointError(
+                    f"layer {fqn!r}: checkpoint shape {tuple(saved['shape'])} / budget "
+                    f"{saved['budget']} differ from the model's {layer.spec.shape} / {layer.budget}"
+                )
+            for key in ("masks", "ever_active"):
+                tensor = state[key].get(fqn)
+                if tensor is None or tuple(tensor.shape) != layer.spec.shape:
+                    raise CheckpointError(
+                        f"checkpoint {key}[{fqn!r}] is missing or has the wrong shape."
+                    )
+            if int(state["masks"][fqn].sum()) != layer.budget:
+                raise CheckpointError(
+                    f"checkpoint mask of {fqn!r} has {int(state['masks'][fqn].sum())} active "
+                    f"weights, not its budget {layer.budget}; the file is corrupt."
+                )
+        for fqn, layer in self.layers.items():
+            layer.mask.copy_(state["masks"][fqn])
+            layer.ever_active.copy_(state["ever_active"][fqn])
+            if layer.grad_momentum is not None:
+                saved = state.get("grad_momentum", {}).get(fqn)
+                if saved is not None:
+                    layer.grad_momentum.copy_(saved)
+        self._step = int(state["step"])
+        self.history = [UpdateRecord(**record) for record in state.get("history", [])]
+        self._apply_masks(reset_optimizer=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"DSTScheduler(layers={len(self.layers)}, density={self.density():.4f}, "
+            f"step={self._step}, t_end={self.config.t_end}, delta_t={self.config.delta_t})"
+        )

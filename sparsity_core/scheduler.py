@@ -251,6 +251,7 @@ class DSTScheduler:
                 fqn=fqn,
                 shape=layer.spec.shape,
                 budget=layer.budget,
+                active=int(layer.mask.sum()),
                 numel=layer.spec.numel,
                 active_neurons=active_neurons(layer.mask),
                 fan_out=layer.spec.fan_out,

@@ -46,6 +46,7 @@ class LayerSummary:
     fqn: str
     shape: tuple[int, ...]
     budget: int
+    active: int
     numel: int
     active_neurons: int
     fan_out: int
@@ -53,7 +54,8 @@ class LayerSummary:
 
     @property
     def density(self) -> float:
-        return self.budget / self.numel
+        """Achieved density, counted from the mask."""
+        return self.active / self.numel
 
     @property
     def sparsity(self) -> float:

@@ -1,0 +1,227 @@
+"""The ``sparsity-core`` command: ``plugins`` lists plugins, ``train`` runs the main job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from .errors import SparsityError
+from .registry import (
+    ComponentType,
+    Registry,
+    components_by_plugin,
+    create_plugin_manager,
+)
+
+__all__ = ["main"]
+
+
+def _registry_for_listing() -> Registry:
+    # Not strict: a broken plugin is listed with its error instead of hiding every other one.
+    return Registry.from_plugin_manager(create_plugin_manager(strict=False))
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    registry = _registry_for_listing()
+    by_plugin = components_by_plugin(registry)
+    summaries = {(e.type.value, e.name): e.summary for e in registry.entries()}
+    if args.json:
+        out = [
+            {
+                "plugin": info.name,
+                "entry_point": info.value,
+                "distribution": info.distribution,
+                "version": info.version,
+                "error": info.error,
+                "components": by_plugin.get(info.name, {}),
+            }
+            for info in registry.plugins
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    for info in registry.plugins:
+        dist = f"{info.distribution} {info.version}" if info.distribution else "registered by hand"
+        print(f"{info.name}  ({dist}; {info.value})")
+        if info.error:
+            print(f"    ERROR: {info.error}")
+        for ctype in ComponentType:
+            for name in by_plugin.get(info.name, {}).get(ctype.value, []):
+                summary = summaries[(ctype.value, name)]
+                print(f"    {ctype.value:<12} {name:<14} {summary}")
+    return 0
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .progress import ProgressBar
+    from .train import DENSE, Recipe, train_run
+
+    torch.set_num_threads(args.threads)
+    methods = list(dict.fromkeys(args.method or ["rigl"]))
+    if not args.no_dense and DENSE not in methods:
+        methods.insert(0, DENSE)
+    recipe = Recipe(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        hidden=tuple(int(h) for h in args.hidden.split(",")),
+        delta_t=args.delta_t,
+        sparsity=args.sparsity,
+        distribution=args.distribution,
+    )
+    # Fail on a bad method name before any training starts.
+    from .config import preset
+
+    for method in methods:
+        if method != DENSE:
+            preset(method, density=1.0 - recipe.sparsity)
+    data = load_dataset(args.dataset)
+    seeds = [args.seed + i for i in range(args.seeds)]
+    steps = recipe.epochs * recipe.steps_per_epoch(len(data.y_train))
+    print(
+        f"sparsity-core train: {data.name} ({len(data.y_train)} train / {len(data.y_test)} test, "
+        f"{data.num_features} features), MLP {data.num_features}-"
+        f"{'-'.join(map(str, recipe.hidden))}-{data.num_classes}, {recipe.epochs} epochs "
+        f"({steps} steps), sparsity {recipe.sparsity:.0%}, ΔT={recipe.delta_t}, "
+        f"{recipe.distribution}, seeds {seeds}",
+        file=sys.stderr,
+    )
+    bar = ProgressBar(steps * len(methods) * len(seeds), desc="train")
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    if ckpt_dir is not None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for method in methods:
+        for seed in seeds:
+            results.append(
+                train_run(
+                    method,
+                    data,
+                    recipe,
+                    seed=seed,
+                    progress=bar,
+                    checkpoint=ckpt_dir / f"{method}-seed{seed}.pt" if ckpt_dir else None,
+                    checkpoint_every=args.checkpoint_every,
+                    resume=args.resume,
+                )
+            )
+    bar.close()
+
+    rows = []
+    for method in methods:
+        runs = [r for r in results if r.method == method]
+        itops = [r.itop for r in runs if r.itop is not None]
+        rows.append(
+            [
+                method,
+                _mean_std([r.test_accuracy for r in runs]),
+                f"{1 - statistics.mean(r.density for r in runs):.4f}",
+                f"{statistics.mean(itops):.3f}" if itops else "-",
+                f"{statistics.mean(r.seconds for r in runs):.1f}",
+            ]
+        )
+    print()
+    print(_table(["method", "test acc %", "sparsity", "ITOP", "time s"], rows))
+    print()
+    layer_rows = []
+    for method in methods:
+        first = next(r for r in results if r.method == method)
+        for layer in first.layers:
+            layer_rows.append(
+                [
+                    method,
+                    layer["fqn"],
+                    "x".join(map(str, layer["shape"])),
+                    f"{layer['sparsity']:.4f}",
+                    f"{layer['active_neurons']}/{layer['fan_out']}",
+                    f"{layer['itop']:.3f}" if "itop" in layer else "-",
+                ]
+            )
+    print(_table(["method", "layer", "shape", "sparsity", "active neurons", "ITOP"], layer_rows))
+    if args.json:
+        payload = {
+            "dataset": data.name,
+            "recipe": attrs.asdict(recipe),
+            "runs": [attrs.asdict(r) for r in results],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sparsity-core", description="Dynamic sparse training for PyTorch."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list installed plugins and the components they register")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+
+    t = sub.add_parser(
+        "train",
+        help="train a small MLP on an offline dataset with DST methods and the dense baseline",
+    )
+    t.add_argument(
+        "--method",
+        action="append",
+        help="a preset (repeat for several; default rigl); see `sparsity-core plugins`",
+    )
+    t.add_argument("--sparsity", type=float, default=0.9, help="fraction of weights removed")
+    t.add_argument("--seed", type=int, default=0, help="first seed")
+    t.add_argument("--seeds", type=int, default=1, help="number of seeds per method")
+    t.add_argument("--dataset", default="digits", choices=["digits", "mnist1d"])
+    t.add_argument("--epochs", type=int, default=100)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--hidden", default="256,256", help="hidden widths, comma-separated")
+    t.add_argument("--delta-t", type=int, default=50, help="steps between topology updates")
+    t.add_argument("--distribution", default="erk", help="layer-wise distribution")
+    t.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--json", metavar="PATH", help="also write every run as JSON")
+    t.add_argument("--checkpoint-dir", help="save a checkpoint per run in this folder")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
+    t.add_argument("--resume", action="store_true", help="continue runs from their checkpoints")
+    t.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SparsityError as exc:
+        print(f"sparsity-core: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The main job: train a small model with a DST method (and the dense baseline) on offline data."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DSTConfig, preset
+from .data import Dataset
+from .errors import CheckpointError, ConfigError
+from .progress import ProgressBar
+from .scheduler import DSTScheduler
+
+__all__ = ["DENSE", "Recipe", "RunResult", "build_mlp", "evaluate", "train_run"]
+
+DENSE = "dense"
+
+
+@attrs.frozen
+class Recipe:
+    """The training recipe shared by every method in one comparison."""
+
+    epochs: int = attrs.field(default=100)
+    batch_size: int = attrs.field(default=64)
+    lr: float = attrs.field(default=0.05)
+    momentum: float = attrs.field(default=0.9)
+    weight_decay: float = attrs.field(default=5e-4)
+    hidden: tuple[int, ...] = attrs.field(default=(256, 256), converter=tuple)
+    delta_t: int = attrs.field(default=50)
+    sparsity: float = attrs.field(default=0.9)
+    distribution: str = attrs.field(default="erk")
+
+    @epochs.validator
+    @batch_size.validator
+    @delta_t.validator
+    def _positive(self, attribute: attrs.Attribute, value: int) -> None:
+        if value < 1:
+            raise ConfigError(f"--{attribute.name.replace('_', '-')}={value} must be >= 1.")
+
+    @sparsity.validator
+    def _sparsity(self, attribute: attrs.Attribute, value: float) -> None:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(
+                f"--sparsity={value} must lie in [0, 1): it is the fraction of weights removed "
+                f"(0.9 keeps 10%)."
+            )
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        return math.ceil(n_train / self.batch_size)
+
+
+@attrs.frozen
+class RunResult:
+    """One training run's outcome."""
+
+    method: str
+    seed: int
+    test_accuracy: float
+    train_loss: float
+    seconds: float
+    steps: int
+    density: float
+    itop: float | None
+    layers: tuple[dict[str, Any], ...]
+
+
+def build_mlp(num_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
+    """A ReLU MLP ``num_features -> hidden... -> num_classes``."""
+    layers: list[nn.Module] = []
+    width = num_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy."""
+    model.eval()
+    acc = (model(x).argmax(dim=1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The epoch's batch order, a function of (seed, epoch) only, so a resumed run matches."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return list(torch.randperm(n, generator=gen).split(batch_size))
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def method_config(method: str, recipe: Recipe, seed: int, total_steps: int) -> DSTConfig:
+    """The preset ``method`` at the recipe's sparsity, ΔT and distribution."""
+    return preset(
+        method,
+        density=1.0 - recipe.sparsity,
+        delta_t=recipe.delta_t,
+        distribution=recipe.distribution,
+        seed=seed,
+        t_end=int(0.75 * total_steps),
+    )
+
+
+def train_run(
+    method: str,
+    data: Dataset,
+    recipe: Recipe,
+    *,
+    seed: int = 0,
+    progress: ProgressBar | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+) -> RunResult:
+    """Train one model with ``method`` (a preset name, or ``dense``) and evaluate it.
+
+    With ``checkpoint`` set, the model, optimizer, scheduler and step are saved there
+    atomically every ``checkpoint_every`` steps; ``resume`` continues from that file.
+    """
+    torch.manual_seed(seed)
+    model = build_mlp(data.num_features, recipe.hidden, data.num_classes)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )
+    steps_per_epoch = recipe.steps_per_epoch(len(data.y_train))
+    total_steps = recipe.epochs * steps_per_epoch
+    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    scheduler = None
+    start_step = 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        try:
+            state = torch.load(checkpoint, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read checkpoint {checkpoint}: {exc}") from exc
+        if state.get("method") != method:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} is for method {state.get('method')!r}, not {method!r}."
+            )
+        if method != DENSE:
+            scheduler = DSTScheduler.from_state_dict(model, optimizer, state["sparsity"])
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        start_step = int(state["step"])
+    elif method != DENSE:
+        config = method_config(method, recipe, seed, total_steps)
+        scheduler = DSTScheduler(model, optimizer, config, total_steps=total_steps)
+
+    if progress is not None:
+        progress.update(start_step)
+    start = time.perf_counter()
+    step = start_step
+    loss = torch.tensor(float("nan"))
+    for epoch in range(start_step // steps_per_epoch, recipe.epochs):
+        batches = _batches(len(data.y_train), recipe.batch_size, seed, epoch)
+        for idx in batches[step - epoch * steps_per_epoch :]:
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            loss.backward()
+            optimizer.step()
+            lr_schedule.step()
+            if scheduler is not None:
+                scheduler.step()
+            step += 1
+            if progress is not None:
+                progress.update(postfix=f"{method} loss {loss.item():.3f}")
+            if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+                _atomic_save(
+                    {
+                        "method": method,
+                        "step": step,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "lr_schedule": lr_schedule.state_dict(),
+                        "sparsity": scheduler.state_dict() if scheduler is not None else None,
+                    },
+                    checkpoint,
+                )
+    seconds = time.perf_counter() - start
+    accuracy = evaluate(model, data.x_test, data.y_test)
+    if scheduler is None:
+        layers = tuple(
+            {
+                "fqn": n,
+                "shape": list(m.weight.shape),
+                "sparsity": 0.0,
+                "active_neurons": m.out_features,
+                "fan_out": m.out_features,
+            }
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear)
+        )
+        density, itop = 1.0, None
+    else:
+        summaries = scheduler.summary()
+        layers = tuple(
+            {
+                "fqn": s.fqn,
+                "shape": list(s.shape),
+                "sparsity": s.sparsity,
+                "active_neurons": s.active_neurons,
+                "fan_out": s.fan_out,
+                "itop": s.itop,
+            }
+            for s in summaries
+        )
+        density, itop = scheduler.density(), scheduler.itop_rate()
+    return RunResult(
+        method,
+        seed,
+        accuracy,
+        float(loss.item()),
+        seconds,
+        step - start_step,
+        density,
+        itop,
+        layers,
+    )

@@ -1,0 +1,96 @@
+"""The command line: plugin listing and the main training job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparsity_core.cli import main
+from sparsity_core.data import load_dataset
+from sparsity_core.train import Recipe, train_run
+
+pytest.importorskip("sklearn", reason="the main job's digits dataset ships with scikit-learn")
+
+TINY = ["--epochs", "2", "--hidden", "32", "--delta-t", "5", "--threads", "1"]
+
+
+class TestPluginsCommand:
+    def test_lists_every_builtin_plugin_with_its_components(self, capsys):
+        """The text listing names each built-in plugin, its distribution and its components."""
+        assert main(["plugins"]) == 0
+        out = capsys.readouterr().out
+        assert "growth_criteria  (sparsity-core" in out
+        for name in ("gradient", "momentum", "unfired", "erk", "cosine", "dense_masked", "rigl"):
+            assert f" {name} " in out
+
+    def test_json_listing_is_machine_readable(self, capsys):
+        """--json gives one object per plugin with version and components by type."""
+        assert main(["plugins", "--json"]) == 0
+        plugins = {p["plugin"]: p for p in json.loads(capsys.readouterr().out)}
+        assert plugins["growth_criteria"]["distribution"] == "sparsity-core"
+        assert plugins["growth_criteria"]["version"]
+        assert sorted(plugins["growth_criteria"]["components"]["growth"]) == [
+            "gradient",
+            "momentum",
+            "random",
+            "unfired",
+        ]
+        assert plugins["presets"]["components"]["preset"] == ["rigl", "set", "static"]
+
+    def test_python_dash_m_runs_the_same_command(self):
+        """`python -m sparsity_core plugins` works like the console script."""
+        proc = subprocess.run(
+            [sys.executable, "-m", "sparsity_core", "plugins", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert any(p["plugin"] == "presets" for p in json.loads(proc.stdout))
+
+
+class TestTrainCommand:
+    def test_tiny_run_prints_the_comparison_table(self, capsys, tmp_path):
+        """A short run trains dense and RigL and prints accuracy, sparsity and ITOP per layer."""
+        out_json = tmp_path / "runs.json"
+        assert main(["train", *TINY, "--json", str(out_json)]) == 0
+        out = capsys.readouterr().out
+        assert "test acc %" in out and "ITOP" in out
+        runs = json.loads(out_json.read_text())["runs"]
+        assert [r["method"] for r in runs] == ["dense", "rigl"]
+        rigl = runs[1]
+        assert rigl["density"] == pytest.approx(0.1, abs=0.01)
+        assert 0.0 < rigl["test_accuracy"] <= 1.0
+        assert all(0.0 < layer["sparsity"] < 1.0 for layer in rigl["layers"])
+
+    def test_unknown_method_fails_before_training(self, capsys):
+        """A misspelled method exits with code 2 and lists the presets, without training."""
+        assert main(["train", *TINY, "--method", "rigll"]) == 2
+        err = capsys.readouterr().err
+        assert "unknown preset 'rigll'" in err and "rigl (from presets)" in err
+        assert "train [" not in err
+
+    def test_bad_sparsity_is_rejected(self, capsys):
+        """--sparsity outside [0, 1) is a clear error."""
+        assert main(["train", *TINY, "--sparsity", "1.2"]) == 2
+        assert "--sparsity=1.2" in capsys.readouterr().err
+
+
+class TestCheckpointResume:
+    def test_resumed_run_ends_identically(self, tmp_path):
+        """Resuming from a mid-run checkpoint ends with the uninterrupted run's exact results."""
+        torch.set_num_threads(1)
+        data = load_dataset("digits")
+        recipe = Recipe(epochs=3, hidden=(32,), delta_t=7)
+        ckpt = tmp_path / "rigl.pt"
+        full = train_run("rigl", data, recipe, seed=3, checkpoint=ckpt, checkpoint_every=30)
+        saved = torch.load(ckpt, weights_only=True)
+        assert saved["step"] == 60  # the last multiple of 30 before the end (69 steps)
+        resumed = train_run("rigl", data, recipe, seed=3, checkpoint=ckpt, resume=True)
+        assert resumed.steps == full.steps - 60
+        assert resumed.test_accuracy == full.test_accuracy
+        assert resumed.train_loss == full.train_loss
+        assert resumed.layers == full.layers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,6 +95,27 @@ def _implements(ctype: ComponentType):
                 )
 
     return check
+
+
+def _number(name: str):
+    def convert(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ConfigError(f"DSTConfig.{name}={value!r} is not a number.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"DSTConfig.{name}={value!r} is not a number.") from None
+
+    return convert
+
+
+def _integer(name: str):
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"DSTConfig.{name}={value!r} must be an integer.")
+        return int(value)
+
+    return convert
 
 
 def _density(instance: Any, attribute: attrs.Attribute, value: float) -> None:
@@ -190,11 +212,11 @@ class DSTConfig:
         converter=_converter(ComponentType.SCHEDULE),
         validator=_implements(ComponentType.SCHEDULE),
     )
-    density: float = attrs.field(default=0.1, converter=float, validator=_density)
+    density: float = attrs.field(default=0.1, converter=_number("density"), validator=_density)
     delta_t: int = attrs.field(default=100, validator=_positive_int)
     t_start: int = attrs.field(default=0, validator=_t_start)
     t_end: int | None = attrs.field(default=None, validator=_t_end)
-    seed: int = attrs.field(default=0, converter=int)
+    seed: int = attrs.field(default=0, converter=_integer("seed"))
     layer_types: tuple[str, ...] = attrs.field(
         default=("Linear", "Conv1d", "Conv2d"), converter=_str_tuple, validator=_layer_types
     )

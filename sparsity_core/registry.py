@@ -322,6 +322,9 @@ class Registry:
             and not getattr(self.plugin_manager, "_sparsity_autoload", True)
         ):
             hint = f" Plugin autoloading is off ({ENV_DISABLE_AUTOLOAD} is set)."
+        blocked = getattr(self.plugin_manager, "_sparsity_blocked", ())
+        if blocked:
+            hint += f" Blocked plugins ({ENV_BLOCK}): {', '.join(blocked)}."
         raise UnknownComponentError(
             f"unknown {ctype.value} {name!r}. Available: {available}.{hint} Check the spelling, "
             f"or install the plugin that provides it (`sparsity-core plugins` lists them)."

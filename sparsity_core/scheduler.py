@@ -69,7 +69,9 @@ class DSTScheduler:
     ) -> None:
         if not isinstance(config, DSTConfig):
             raise ConfigError(f"DSTScheduler needs a DSTConfig, got {type(config).__name__}.")
-        if total_steps is not None and (isinstance(total_steps, bool) or total_steps < 1):
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
+        ):
             raise ConfigError(f"total_steps={total_steps!r} must be a positive integer.")
         if len(config.structures) != 1:
             raise ConfigError(
@@ -385,6 +387,8 @@ class DSTScheduler:
         self._apply_masks(reset_optimizer=False)
 
     def __repr__(self) -> str:
+        if not hasattr(self, "layers"):
+            return "DSTScheduler(<not initialised>)"
         return (
             f"DSTScheduler(layers={len(self.layers)}, density={self.density():.4f}, "
             f"step={self._step}, t_end={self.config.t_end}, delta_t={self.config.delta_t})"

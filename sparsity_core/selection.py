@@ -11,7 +11,7 @@ import torch
 
 from .errors import UpdateError
 
-__all__ = ["grouped_topk_mask", "priority", "topk_mask"]
+__all__ = ["grouped_fill", "grouped_keep", "grouped_topk_mask", "priority", "topk_mask"]
 
 
 def priority(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -61,3 +61,46 @@ def grouped_topk_mask(
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(key.shape[1], device=key.device).expand_as(order))
     return ranks < k
+
+
+def grouped_keep(
+    scores: torch.Tensor, mask: torch.Tensor, n_drop: int, cap: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Drop the ``n_drop`` lowest-scoring active positions, at most ``cap[g]`` from row ``g``.
+
+    ``scores`` and ``mask`` are 2-D ``[groups, group_size]``. The caps keep every group
+    refillable from its own previously inactive positions. Returns the kept mask (a subset of
+    ``mask``). ``n_drop`` is reduced to what the caps allow.
+    """
+    keep_key = priority(scores, mask)
+    # Highest drop priority first: lowest scores, and non-finite scores before everything.
+    drop_key = torch.where(mask, -keep_key, torch.full_like(keep_key, float("-inf")))
+    droppable = mask
+    if cap is not None:
+        cap = cap.to(device=scores.device, dtype=torch.long).reshape(-1, 1)
+        order = torch.argsort(drop_key, dim=1, descending=True, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(
+            1, order, torch.arange(drop_key.shape[1], device=drop_key.device).expand_as(order)
+        )
+        droppable = mask & (ranks < cap)
+    n_drop = min(int(n_drop), int(droppable.sum()))
+    return mask & ~topk_mask(drop_key, n_drop, droppable)
+
+
+def grouped_fill(
+    scores: torch.Tensor, base: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """Complete ``base`` so row ``g`` of the 2-D mask holds exactly ``counts[g]`` positions,
+    adding the highest-scoring ``candidates``."""
+    counts = counts.to(device=scores.device, dtype=torch.long)
+    need = counts - base.sum(dim=1)
+    if bool((need < 0).any()):
+        g = int(torch.nonzero(need < 0)[0, 0])
+        raise UpdateError(
+            f"group {g} already holds {int(base[g].sum())} positions, more than its {int(counts[g])}."
+        )
+    pool = candidates & ~base
+    if scores.shape[0] == 1:
+        return base | topk_mask(scores, int(need[0]), pool)
+    return base | grouped_topk_mask(scores, need, pool)

@@ -97,6 +97,12 @@ def select_layers(
                 f"(weight shape {None if weight is None else tuple(weight.shape)}); exclude it "
                 f"with exclude=[{fqn!r}]."
             )
+        owner = next((spec.fqn for spec, m in chosen if m.weight is weight), None)
+        if owner is not None:
+            raise LayerError(
+                f"layers {owner!r} and {fqn!r} share one weight tensor (tied weights), which "
+                f"can hold only one mask; exclude one of them with exclude=[{fqn!r}]."
+            )
         chosen.append((LayerSpec.of(fqn, module), module))
     if not chosen:
         raise ConfigError(

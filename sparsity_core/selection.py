@@ -98,7 +98,8 @@ def grouped_fill(
     if bool((need < 0).any()):
         g = int(torch.nonzero(need < 0)[0, 0])
         raise UpdateError(
-            f"group {g} already holds {int(base[g].sum())} positions, more than its {int(counts[g])}."
+            f"group {g} already holds {int(base[g].sum())} positions, more than its "
+            f"{int(counts[g])}."
         )
     pool = candidates & ~base
     if scores.shape[0] == 1:

@@ -19,7 +19,7 @@ __all__ = ["GroupedStructure"]
 
 
 class GroupedStructure:
-    """Base class: subclasses define :meth:`group_shape`, :meth:`group_counts` and :meth:`budget`."""
+    """Base class: subclasses define ``group_shape``, ``group_counts`` and ``budget``."""
 
     def group_shape(self, spec: LayerSpec) -> tuple[int, int]:
         """``(groups, group_size)``; ``weight.reshape(groups, group_size)`` is the grouped view."""

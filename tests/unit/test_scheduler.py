@@ -23,7 +23,7 @@ def _batch(step: int):
 
 class TestHotPath:
     def test_dense_gradient_is_captured_only_for_update_steps(self):
-        """The dense-gradient copy exists only between the update step's optimizer step and update."""
+        """The dense-gradient copy lives only from an update step's optimizer step to its update."""
         model = _mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         sched = sc.DSTScheduler(model, opt, sc.preset("rigl", delta_t=4), total_steps=40)
@@ -57,7 +57,7 @@ class TestHotPath:
 
         class Spy(torch.optim.SGD):
             def step(self, closure=None):
-                for fqn, layer in sched.layers.items():
+                for layer in sched.layers.values():
                     seen.append(bool((layer.weight.grad[~layer.mask] == 0).all()))
                 return super().step(closure)
 
@@ -80,7 +80,7 @@ class TestHotPath:
         x, y = _batch(0)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-        assert any(bool((l.weight[~l.mask] != 0).any()) for l in sched.layers.values())
+        assert any(bool((lay.weight[~lay.mask] != 0).any()) for lay in sched.layers.values())
 
 
 class TestSchedule:
@@ -151,7 +151,7 @@ class TestConvLayers:
             sc.preset("rigl", structures=structure, delta_t=2, density=0.3),
             total_steps=20,
         )
-        assert [s.layer_type for s in (l.spec for l in sched.layers.values())] == [
+        assert [lay.spec.layer_type for lay in sched.layers.values()] == [
             "Conv1d",
             "Conv2d",
             "Linear",

@@ -149,17 +149,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     for method in methods:
         first = next(r for r in results if r.method == method)
         for layer in first.layers:
+            lo, hi = layer["fan_in_min"], layer["fan_in_max"]
             layer_rows.append(
                 [
                     method,
                     layer["fqn"],
                     "x".join(map(str, layer["shape"])),
+                    layer["structure"],
                     f"{layer['sparsity']:.4f}",
+                    str(lo) if lo == hi else f"{lo}-{hi}",
                     f"{layer['active_neurons']}/{layer['fan_out']}",
+                    "yes" if layer["satisfied"] else "NO",
                     f"{layer['itop']:.3f}" if "itop" in layer else "-",
                 ]
             )
-    print(_table(["method", "layer", "shape", "sparsity", "active neurons", "ITOP"], layer_rows))
+    headers = [
+        "method",
+        "layer",
+        "shape",
+        "structure",
+        "sparsity",
+        "fan-in",
+        "active neurons",
+        "holds",
+        "ITOP",
+    ]
+    print(_table(headers, layer_rows))
     if args.json:
         payload = {
             "dataset": data.name,

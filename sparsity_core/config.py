@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -18,8 +19,9 @@ from .protocols import (
     StructureConstraint,
 )
 from .registry import ComponentType, Registry, get_registry
+from .structures import COARSE, level_of, validate_structure_order
 
-__all__ = ["DSTConfig", "component_from_dict", "component_to_dict", "preset"]
+__all__ = ["DSTConfig", "LayerRule", "component_from_dict", "component_to_dict", "preset"]
 
 _PROTOCOLS = {
     ComponentType.PRUNE: PruneCriterion,
@@ -81,12 +83,18 @@ def _structures(value: Any) -> tuple[Any, ...]:
     return tuple(component_from_dict(ComponentType.STRUCTURE, v) for v in value)
 
 
+def _is_coarse_structure(value: Any) -> bool:
+    return level_of(value) == COARSE and callable(getattr(value, "wrap", None))
+
+
 def _implements(ctype: ComponentType):
     protocol = _PROTOCOLS[ctype]
 
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         values = value if isinstance(value, tuple) else (value,)
         for v in values:
+            if ctype is ComponentType.STRUCTURE and _is_coarse_structure(v):
+                continue
             if not isinstance(v, protocol):
                 raise ConfigError(
                     f"DSTConfig.{attribute.name}={v!r} is not a {ctype.value} component (it "
@@ -162,6 +170,66 @@ def _str_tuple(value: Any) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def _structure_order(instance: Any, attribute: attrs.Attribute, value: tuple[Any, ...]) -> None:
+    try:
+        validate_structure_order(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{type(instance).__name__}.{attribute.name}: {exc}") from None
+
+
+def _optional_structures(value: Any) -> tuple[Any, ...] | None:
+    return None if value is None else _structures(value)
+
+
+@attrs.frozen
+class LayerRule:
+    """Per-layer structure: layers matching ``match`` use ``structures`` (or stay dense).
+
+    ``match`` is a module class name (``"Linear"``, ``"Conv1d"``, ``"Conv2d"``) or an fnmatch
+    pattern on the layer's fully qualified name (``"blocks.*.attn.*"``). The first matching
+    rule wins; unmatched layers use :attr:`DSTConfig.structures`. ``dense=True`` leaves the
+    layer dense and outside the sparse budget (to keep a layer dense *inside* the budget, use
+    the distribution's ``dense`` patterns).
+    """
+
+    match: str = attrs.field()
+    structures: tuple[Any, ...] | None = attrs.field(default=None, converter=_optional_structures)
+    dense: bool = attrs.field(default=False)
+
+    @match.validator
+    def _match(self, attribute: attrs.Attribute, value: str) -> None:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"LayerRule.match={value!r} must be a non-empty string.")
+
+    @structures.validator
+    def _check(self, attribute: attrs.Attribute, value: tuple[Any, ...] | None) -> None:
+        if (value is None) == (not self.dense):
+            raise ConfigError(
+                f"LayerRule(match={self.match!r}) needs exactly one of structures=... or "
+                f"dense=True."
+            )
+        if value is not None:
+            _implements(ComponentType.STRUCTURE)(self, attribute, value)
+            _structure_order(self, attribute, value)
+
+    def matches(self, fqn: str, layer_type: str) -> bool:
+        return self.match == layer_type or fnmatch.fnmatchcase(fqn, self.match)
+
+    def to_dict(self, registry: Registry | None = None) -> dict[str, Any]:
+        structures = None
+        if self.structures is not None:
+            structures = [
+                component_to_dict(ComponentType.STRUCTURE, s, registry) for s in self.structures
+            ]
+        return {"match": self.match, "structures": structures, "dense": self.dense}
+
+
+def _rules(value: Any) -> tuple[LayerRule, ...]:
+    if isinstance(value, LayerRule | Mapping):
+        value = (value,)
+    return tuple(v if isinstance(v, LayerRule) else LayerRule(**v) for v in value)
+
+
 @attrs.frozen
 class DSTConfig:
     """A complete DST method: components, density and timing.
@@ -172,7 +240,8 @@ class DSTConfig:
     Attributes:
         prune: scores active weights (higher is kept), e.g. ``magnitude``.
         grow: scores inactive weights (higher is grown), e.g. ``gradient`` (RigL), ``random`` (SET).
-        structures: constraints applied coarse to fine, e.g. ``("unstructured",)``.
+        structures: constraints applied coarse to fine, e.g. ``("unstructured",)`` or SRigL's
+            ``("neuron_ablation", "constant_fan_in")``.
         distribution: spreads ``density`` over layers, e.g. ``erk``.
         drop: the drop-fraction schedule, e.g. ``cosine``.
         density: global fraction of weights kept over the selected layers, in (0, 1].
@@ -185,6 +254,7 @@ class DSTConfig:
         layer_types: module classes to sparsify.
         include: fnmatch patterns of layer names to sparsify (empty: all of ``layer_types``).
         exclude: fnmatch patterns of layer names to leave dense and out of the budget.
+        rules: per-layer structures (:class:`LayerRule`), first match wins.
     """
 
     prune: Any = attrs.field(
@@ -200,7 +270,7 @@ class DSTConfig:
     structures: tuple[Any, ...] = attrs.field(
         default=("unstructured",),
         converter=_structures,
-        validator=_implements(ComponentType.STRUCTURE),
+        validator=[_implements(ComponentType.STRUCTURE), _structure_order],
     )
     distribution: Any = attrs.field(
         default="erk",
@@ -222,11 +292,7 @@ class DSTConfig:
     )
     include: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     exclude: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
-
-    @structures.validator
-    def _non_empty(self, attribute: attrs.Attribute, value: tuple[Any, ...]) -> None:
-        if not value:
-            raise ConfigError("DSTConfig.structures is empty; use ('unstructured',) for none.")
+    rules: tuple[LayerRule, ...] = attrs.field(default=(), converter=_rules)
 
     def to_dict(self, registry: Registry | None = None) -> dict[str, Any]:
         """A JSON-able dict naming every component by its registry name."""
@@ -234,7 +300,9 @@ class DSTConfig:
         for field in attrs.fields(type(self)):
             value = getattr(self, field.name)
             ctype = _FIELD_TYPES.get(field.name)
-            if ctype is ComponentType.STRUCTURE:
+            if field.name == "rules":
+                out[field.name] = [rule.to_dict(registry) for rule in value]
+            elif ctype is ComponentType.STRUCTURE:
                 out[field.name] = [component_to_dict(ctype, v, registry) for v in value]
             elif ctype is not None:
                 out[field.name] = component_to_dict(ctype, value, registry)

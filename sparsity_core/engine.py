@@ -20,6 +20,7 @@ from .errors import UpdateError
 from .layers import LayerSpec
 from .optim_state import reset_state_at
 from .rng import make_generator
+from .structures import realized_budget
 from .telemetry import UpdateRecord, active_neurons
 
 __all__ = ["LayerState", "MaskChange", "commit_change", "compute_change", "plan_initial_mask"]
@@ -31,6 +32,7 @@ class LayerState:
 
     spec: LayerSpec
     module: nn.Module
+    structure: Any
     mask: torch.Tensor
     budget: int
     ever_active: torch.Tensor
@@ -95,12 +97,24 @@ def _score(role: str, component: Any, ctx: ScoreContext) -> torch.Tensor:
     return _checked_scores(role, component, scores, ctx.spec, ctx.weight)
 
 
+def _structure_call(structure: Any, method: str, spec: LayerSpec, step: int, *args, **kwargs):
+    try:
+        return getattr(structure, method)(*args, **kwargs)
+    except UpdateError:
+        raise
+    except Exception as exc:
+        raise UpdateError(
+            f"structure {_component_name(structure)}.{method}() failed on layer {spec.fqn!r} at "
+            f"step {step}: {type(exc).__name__}: {exc}. The update was not applied; masks and "
+            f"weights are unchanged."
+        ) from exc
+
+
 def compute_change(
     layer: LayerState,
     *,
     prune: Any,
     grow: Any,
-    structure: Any,
     fraction: float,
     step: int,
     seed: int,
@@ -112,12 +126,13 @@ def compute_change(
         inputs: optional context inputs already captured for this layer (``grad``,
             ``optimizer_state``, ``grad_momentum``, ``ever_active``), by capability.
     """
-    spec, mask, weight = layer.spec, layer.mask, layer.weight.detach()
+    spec, mask, weight, structure = layer.spec, layer.mask, layer.weight.detach(), layer.structure
     device = weight.device
     prune_ctx = ScoreContext(
         spec, step, weight, mask, make_generator(seed, spec.fqn, step, "prune", device), **inputs
     )
-    keep = structure.keep(_score("prune", prune, prune_ctx), mask, fraction, spec)
+    prune_scores = _score("prune", prune, prune_ctx)
+    keep = _structure_call(structure, "keep", spec, step, prune_scores, mask, fraction, spec)
     if keep.dtype != torch.bool or keep.shape != mask.shape or bool((keep & ~mask).any()):
         raise UpdateError(
             f"structure {_component_name(structure)} kept positions that were not active on "
@@ -128,21 +143,39 @@ def compute_change(
     )
     # Candidates exclude what was just dropped: a drop is never undone in the same update.
     candidates = ~mask
-    new_mask = structure.fill(_score("grow", grow, grow_ctx), keep, candidates, layer.budget, spec)
-    grown = new_mask & ~keep
+    grow_scores = _score("grow", grow, grow_ctx)
+    new_mask = _structure_call(
+        structure,
+        "fill",
+        spec,
+        step,
+        grow_scores,
+        keep,
+        candidates,
+        layer.budget,
+        spec,
+        previous=mask,
+    )
+    if new_mask.dtype != torch.bool or new_mask.shape != mask.shape:
+        raise UpdateError(
+            f"structure {_component_name(structure)} returned a {new_mask.dtype} mask of shape "
+            f"{tuple(new_mask.shape)} for layer {spec.fqn!r}; fill() must return a boolean mask "
+            f"shaped like the weight."
+        )
+    expected = realized_budget(structure, spec, layer.budget, new_mask)
     if (
-        new_mask.dtype != torch.bool
-        or new_mask.shape != mask.shape
-        or int(new_mask.sum()) != layer.budget
-        or bool((keep & ~new_mask).any())
-        or bool((grown & ~candidates).any())
+        bool((new_mask & ~(keep | candidates)).any())
+        or int(new_mask.sum()) != expected
+        or expected > layer.budget
+        or not structure.satisfied(new_mask, spec, layer.budget)
     ):
         raise UpdateError(
             f"structure {_component_name(structure)} returned an invalid mask for layer "
-            f"{spec.fqn!r}: fill() must keep the base, add only candidates and hold exactly the "
-            f"budget of {layer.budget} (got {int(new_mask.sum())})."
+            f"{spec.fqn!r}: fill() must add only candidates (never regrow a weight dropped in "
+            f"the same update), satisfy the structure and hold exactly its budget of {expected} "
+            f"(got {int(new_mask.sum())})."
         )
-    return MaskChange(new_mask=new_mask, dropped=mask & ~keep, grown=grown)
+    return MaskChange(new_mask=new_mask, dropped=mask & ~new_mask, grown=new_mask & ~mask)
 
 
 @torch.no_grad()

@@ -106,20 +106,36 @@ class StructureConstraint(Protocol):
         candidates: torch.Tensor,
         budget: int,
         spec: LayerSpec,
+        *,
+        previous: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The grow: a superset of ``base`` with exactly ``budget`` active that satisfies the
-        structure, adding the highest-scoring ``candidates`` only."""
+        """The grow: ``base`` plus the highest-scoring ``candidates``, satisfying the structure.
+
+        A weight-level structure returns a superset of ``base`` holding exactly ``budget``.
+        ``previous`` is the mask before the update (None for the initial mask); a neuron-level
+        structure may use it to remove whole neurons from ``base`` (ablation), and then holds
+        :meth:`realized_budget` instead.
+        """
 
     def satisfied(self, mask: torch.Tensor, spec: LayerSpec, budget: int) -> bool:
-        """Whether ``mask`` satisfies the structure with exactly ``budget`` active."""
+        """Whether ``mask`` satisfies the structure for a layer whose budget is ``budget``."""
 
 
 @runtime_checkable
 class Distribution(Protocol):
     """Spreads a global density over layers."""
 
-    def densities(self, layers: Sequence[LayerSpec], density: float) -> Mapping[str, float]:
-        """``{fqn: density in (0, 1]}`` whose parameter-weighted mean is ``density``."""
+    def densities(
+        self,
+        layers: Sequence[LayerSpec],
+        density: float,
+        fixed: Mapping[str, float] | None = None,
+    ) -> Mapping[str, float]:
+        """``{fqn: density in (0, 1]}`` whose parameter-weighted mean is ``density``.
+
+        ``fixed`` pins the densities of some layers (imposed by their structure, e.g. N:M);
+        the scheduler passes it only when a structure pins a density.
+        """
 
 
 @runtime_checkable

@@ -17,6 +17,7 @@ from .layers import LayerSpec, select_layers
 from .optim_state import check_optimizer_holds, param_shaped_state, reset_state_at
 from .protocols import Capabilities, capabilities_of
 from .registry import Registry, get_registry
+from .structures import compose_structures, describe
 from .telemetry import LayerSummary, UpdateRecord, active_neurons, itop_rate
 
 __all__ = ["SCHEMA_VERSION", "DSTScheduler"]
@@ -73,16 +74,11 @@ class DSTScheduler:
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
         ):
             raise ConfigError(f"total_steps={total_steps!r} must be a positive integer.")
-        if len(config.structures) != 1:
-            raise ConfigError(
-                f"DSTConfig.structures={config.structures!r}: combining several structures is "
-                f"not supported yet; give exactly one structure."
-            )
         self.config = attrs.evolve(config, t_end=config.resolved_t_end(total_steps))
         self.total_steps = total_steps
         self.registry = registry or get_registry()
         self.optimizer = optimizer
-        self.structure = self.config.structures[0]
+        self.structure = compose_structures(self.config.structures)
         self._caps = _merge(capabilities_of(self.config.prune), capabilities_of(self.config.grow))
         chosen = select_layers(
             model,
@@ -90,11 +86,29 @@ class DSTScheduler:
             include=self.config.include,
             exclude=self.config.exclude,
         )
+        structures: dict[str, Any] = {}
+        sparse: list[tuple[LayerSpec, nn.Module]] = []
+        for spec, module in chosen:
+            rule = next(
+                (r for r in self.config.rules if r.matches(spec.fqn, spec.layer_type)), None
+            )
+            if rule is not None and rule.dense:
+                continue
+            structures[spec.fqn] = (
+                self.structure if rule is None else compose_structures(rule.structures)
+            )
+            sparse.append((spec, module))
+        if not sparse:
+            raise ConfigError(
+                f"every selected layer ({[spec.fqn for spec, _ in chosen]}) is kept dense by "
+                f"DSTConfig.rules; nothing is left to sparsify."
+            )
+        chosen = sparse
         check_optimizer_holds(optimizer, [(spec.fqn, module.weight) for spec, module in chosen])
         specs = [spec for spec, _ in chosen]
         for spec in specs:
-            self.structure.validate(spec)
-        budgets = self._budgets(specs)
+            structures[spec.fqn].validate(spec)
+        budgets = self._budgets(specs, structures)
         self.layers: dict[str, LayerState] = {}
         for spec, module in chosen:
             device = module.weight.device
@@ -102,13 +116,13 @@ class DSTScheduler:
                 mask = _masks[spec.fqn].to(device=device, dtype=torch.bool).clone()
             else:
                 mask = plan_initial_mask(
-                    spec, self.structure, budgets[spec.fqn], self.config.seed, device
+                    spec, structures[spec.fqn], budgets[spec.fqn], self.config.seed, device
                 )
             momentum = None
             if self._caps.grad_momentum is not None:
                 momentum = torch.zeros_like(module.weight, memory_format=torch.contiguous_format)
             self.layers[spec.fqn] = LayerState(
-                spec, module, mask, budgets[spec.fqn], mask.clone(), momentum
+                spec, module, structures[spec.fqn], mask, budgets[spec.fqn], mask.clone(), momentum
             )
         self._step = 0
         self.history: list[UpdateRecord] = []
@@ -121,9 +135,18 @@ class DSTScheduler:
 
     # -- construction helpers -------------------------------------------------------------------
 
-    def _budgets(self, specs: Sequence[LayerSpec]) -> dict[str, int]:
+    def _budgets(self, specs: Sequence[LayerSpec], structures: Mapping[str, Any]) -> dict[str, int]:
         """Exact integer budgets from the distribution's densities, checked per layer."""
-        densities = dict(self.config.distribution.densities(specs, self.config.density))
+        fixed = {}
+        for spec in specs:
+            pinned = getattr(structures[spec.fqn], "fixed_density", lambda s: None)(spec)
+            if pinned is not None:
+                fixed[spec.fqn] = float(pinned)
+        distribution = self.config.distribution
+        if fixed:
+            densities = dict(distribution.densities(specs, self.config.density, fixed=fixed))
+        else:
+            densities = dict(distribution.densities(specs, self.config.density))
         budgets: dict[str, int] = {}
         for spec in specs:
             if spec.fqn not in densities:
@@ -137,7 +160,7 @@ class DSTScheduler:
                     f"distribution {type(self.config.distribution).__name__} gave layer "
                     f"{spec.fqn!r} density {d!r}, outside (0, 1]."
                 )
-            budget = int(self.structure.budget(spec, d))
+            budget = int(structures[spec.fqn].budget(spec, d))
             if budget < 1:
                 raise LayerError(
                     f"layer {spec.fqn!r} (shape {spec.shape}, {spec.numel} weights) gets density "
@@ -234,7 +257,6 @@ class DSTScheduler:
                 layer,
                 prune=self.config.prune,
                 grow=self.config.grow,
-                structure=self.structure,
                 fraction=fraction,
                 step=step,
                 seed=self.config.seed,
@@ -247,29 +269,37 @@ class DSTScheduler:
         ]
 
     def summary(self) -> list[LayerSummary]:
-        """Each layer's budget, active neurons and ever-active count now."""
-        return [
-            LayerSummary(
-                fqn=fqn,
-                shape=layer.spec.shape,
-                budget=layer.budget,
-                active=int(layer.mask.sum()),
-                numel=layer.spec.numel,
-                active_neurons=active_neurons(layer.mask),
-                fan_out=layer.spec.fan_out,
-                ever_active=int(layer.ever_active.sum()),
+        """Each layer's budget, structure, fan-in range, active neurons and ever-active count."""
+        out = []
+        for fqn, layer in self.layers.items():
+            fan_in = layer.mask.reshape(layer.spec.fan_out, -1).sum(dim=1)
+            live = fan_in[fan_in > 0]
+            out.append(
+                LayerSummary(
+                    fqn=fqn,
+                    shape=layer.spec.shape,
+                    budget=layer.budget,
+                    active=int(layer.mask.sum()),
+                    numel=layer.spec.numel,
+                    active_neurons=active_neurons(layer.mask),
+                    fan_out=layer.spec.fan_out,
+                    ever_active=int(layer.ever_active.sum()),
+                    structure=describe(layer.structure),
+                    fan_in_min=int(live.min()) if live.numel() else 0,
+                    fan_in_max=int(live.max()) if live.numel() else 0,
+                    satisfied=bool(layer.structure.satisfied(layer.mask, layer.spec, layer.budget)),
+                )
             )
-            for fqn, layer in self.layers.items()
-        ]
+        return out
 
     def itop_rate(self) -> float:
         """Fraction of the sparse layers' weights that have been active at any time."""
         return itop_rate(self.summary())
 
     def density(self) -> float:
-        """Achieved global density over the sparse layers."""
+        """Achieved global density over the sparse layers, counted from the masks."""
         total = sum(layer.spec.numel for layer in self.layers.values())
-        return sum(layer.budget for layer in self.layers.values()) / total
+        return sum(int(layer.mask.sum()) for layer in self.layers.values()) / total
 
     def remove(self) -> None:
         """Detach the optimizer hooks (the masks stop being enforced)."""

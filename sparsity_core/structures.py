@@ -1,39 +1,159 @@
-"""``GroupedStructure``: the base every built-in structure shares.
+"""Structures: the grouped base every built-in shares, and composition coarse to fine.
 
-A structure is a view of the weight as ``[groups, group_size]`` in which group ``g`` keeps
-exactly ``counts[g]`` active positions: one group (unstructured), groups of M consecutive
-inputs (N:M), or rows (constant fan-in). The drop and the grow are then the same two grouped
-top-k calls for every structure, so a new structure only says how it groups and counts.
+A *fine* (weight-level) structure is a view of the weight as ``[groups, group_size]`` in which
+group ``g`` keeps exactly ``counts[g]`` active positions: one group (unstructured), groups of
+M consecutive inputs (N:M), or rows (constant fan-in). The drop and the grow are the same two
+grouped top-k calls for every structure, so a new structure only says how it groups and counts.
+
+A *coarse* (neuron-level) structure, such as neuron ablation, decides which output neurons are
+active and wraps the fine structure (``coarse.wrap(fine)``); ``(coarse, fine)`` tuples are
+composed by :func:`compose_structures`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 
+from .errors import ConfigError
 from .layers import LayerSpec
 from .selection import grouped_fill, grouped_keep
 
-__all__ = ["GroupedStructure"]
+__all__ = [
+    "COARSE",
+    "FINE",
+    "GroupedStructure",
+    "compose_structures",
+    "describe",
+    "level_of",
+    "realized_budget",
+    "validate_structure_order",
+]
+
+FINE = "weight"
+COARSE = "neuron"
+
+
+def level_of(structure: Any) -> str:
+    """``"neuron"`` for coarse structures (those that wrap another), else ``"weight"``."""
+    return getattr(structure, "level", FINE)
+
+
+def _name(structure: Any) -> str:
+    return type(structure).__name__
+
+
+def validate_structure_order(structures: Sequence[Any]) -> None:
+    """Raise :class:`ConfigError` unless ``structures`` go coarse to fine, ending in a fine one."""
+    if not structures:
+        raise ConfigError("no structure given; use ('unstructured',) for none.")
+    names = [_name(s) for s in structures]
+    fine = [s for s in structures if level_of(s) == FINE]
+    if len(fine) > 1:
+        raise ConfigError(
+            f"structures {names} combine {len(fine)} weight-level structures "
+            f"({[_name(s) for s in fine]}); they cannot hold together or one implies the other "
+            f"(N:M already gives every neuron the same fan-in). Keep exactly one, last."
+        )
+    if not fine:
+        raise ConfigError(
+            f"structures {names} have no weight-level structure; end the tuple with one, e.g. "
+            f"(..., 'constant_fan_in') or (..., 'nm')."
+        )
+    if level_of(structures[-1]) != FINE:
+        raise ConfigError(
+            f"structures {names} list the neuron-level {_name(structures[-1])} after the "
+            f"weight-level {_name(fine[0])}; order them coarse to fine, e.g. "
+            f"('neuron_ablation', 'constant_fan_in')."
+        )
+    seen: set[type] = set()
+    for s in structures:
+        if type(s) in seen:
+            raise ConfigError(f"structures {names} list {_name(s)} twice.")
+        seen.add(type(s))
+    inner = structures[-1]
+    for coarse in structures[:-1]:
+        if not getattr(inner, "row_grouped", False):
+            raise ConfigError(
+                f"{_name(coarse)} removes whole neurons and redistributes their budget, which "
+                f"needs a weight-level structure that counts per neuron (constant_fan_in or nm), "
+                f"not {_name(inner)}."
+            )
+
+
+def compose_structures(structures: Sequence[Any]) -> Any:
+    """One structure from a coarse-to-fine tuple: each coarse one wraps what follows it."""
+    validate_structure_order(structures)
+    composed = structures[-1]
+    for coarse in reversed(structures[:-1]):
+        composed = coarse.wrap(composed)
+    return composed
+
+
+def describe(structure: Any) -> str:
+    """A short human name for a (possibly composed) structure, e.g. ``nm 2:4``."""
+    fn = getattr(structure, "describe", None)
+    return fn() if callable(fn) else type(structure).__name__
+
+
+def realized_budget(structure: Any, spec: LayerSpec, budget: int, mask: torch.Tensor) -> int:
+    """The exact count a mask must hold: ``budget``, unless a coarse structure ablated neurons."""
+    fn = getattr(structure, "realized_budget", None)
+    return budget if fn is None else int(fn(spec, budget, mask))
+
+
+def active_rows_of(mask: torch.Tensor) -> torch.Tensor:
+    """Output neurons with at least one active weight (an all-off row is an ablated neuron)."""
+    return mask.reshape(mask.shape[0], -1).any(dim=1)
 
 
 class GroupedStructure:
-    """Base class: subclasses define ``group_shape``, ``group_counts`` and ``budget``."""
+    """Base class: subclasses define ``group_shape``, ``group_counts`` and ``budget``.
+
+    ``row_grouped`` structures (each group inside one output neuron) also accept
+    ``active_rows``, a boolean vector over output neurons; inactive (ablated) neurons hold
+    nothing and the budget is spread over the active ones.
+    """
+
+    level: ClassVar[str] = FINE
+    row_grouped: ClassVar[bool] = False
 
     def group_shape(self, spec: LayerSpec) -> tuple[int, int]:
         """``(groups, group_size)``; ``weight.reshape(groups, group_size)`` is the grouped view."""
         raise NotImplementedError
 
-    def group_counts(self, spec: LayerSpec, budget: int, device: torch.device) -> torch.Tensor:
-        """How many active positions each group holds when the layer holds ``budget``."""
+    def group_counts(
+        self,
+        spec: LayerSpec,
+        budget: int,
+        device: torch.device,
+        active_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """How many active positions each group holds for ``budget`` (and active neurons)."""
         raise NotImplementedError
 
     def budget(self, spec: LayerSpec, density: float) -> int:
         raise NotImplementedError
 
+    def fixed_density(self, spec: LayerSpec) -> float | None:
+        """The density this structure imposes on a layer, if any (N:M: N/M)."""
+        return None
+
+    def min_active_rows(self, spec: LayerSpec, budget: int) -> int:
+        """The fewest active neurons that can hold ``budget``."""
+        return 1
+
     def validate(self, spec: LayerSpec) -> None:
         """Layers of any shape are accepted unless a subclass says otherwise."""
+
+    def realized_budget(
+        self, spec: LayerSpec, budget: int, mask: torch.Tensor | None = None
+    ) -> int:
+        """``budget`` itself: a fine structure alone never ablates neurons."""
+        return budget
 
     def keep(
         self, scores: torch.Tensor, mask: torch.Tensor, fraction: float, spec: LayerSpec
@@ -56,9 +176,12 @@ class GroupedStructure:
         candidates: torch.Tensor,
         budget: int,
         spec: LayerSpec,
+        *,
+        previous: torch.Tensor | None = None,
+        active_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         groups, size = self.group_shape(spec)
-        counts = self.group_counts(spec, budget, base.device)
+        counts = self.group_counts(spec, budget, base.device, active_rows)
         filled = grouped_fill(
             scores.reshape(groups, size),
             base.reshape(groups, size),
@@ -67,11 +190,17 @@ class GroupedStructure:
         )
         return filled.reshape(base.shape)
 
-    def satisfied(self, mask: torch.Tensor, spec: LayerSpec, budget: int) -> bool:
+    def satisfied(
+        self,
+        mask: torch.Tensor,
+        spec: LayerSpec,
+        budget: int,
+        active_rows: torch.Tensor | None = None,
+    ) -> bool:
         if mask.dtype != torch.bool or tuple(mask.shape) != spec.shape:
             return False
         groups, size = self.group_shape(spec)
-        counts = self.group_counts(spec, budget, mask.device)
-        return int(mask.sum()) == budget and bool(
+        counts = self.group_counts(spec, budget, mask.device, active_rows)
+        return int(mask.sum()) == int(counts.sum()) and bool(
             torch.equal(mask.reshape(groups, size).sum(dim=1), counts)
         )

@@ -51,6 +51,10 @@ class LayerSummary:
     active_neurons: int
     fan_out: int
     ever_active: int
+    structure: str = ""
+    fan_in_min: int = 0
+    fan_in_max: int = 0
+    satisfied: bool = True
 
     @property
     def density(self) -> float:

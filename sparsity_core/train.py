@@ -19,6 +19,7 @@ from .data import Dataset
 from .errors import CheckpointError, ConfigError
 from .progress import ProgressBar
 from .scheduler import DSTScheduler
+from .structures import COARSE, level_of
 
 __all__ = ["DENSE", "Recipe", "RunResult", "build_mlp", "evaluate", "train_run"]
 
@@ -105,9 +106,15 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def method_config(method: str, recipe: Recipe, seed: int, total_steps: int) -> DSTConfig:
-    """The preset ``method`` at the recipe's sparsity, ΔT and distribution."""
-    return preset(
+def method_config(
+    method: str, recipe: Recipe, seed: int, total_steps: int, output_layer: str | None = None
+) -> DSTConfig:
+    """The preset ``method`` at the recipe's sparsity, ΔT and distribution.
+
+    Neuron-level structures (ablation) never remove ``output_layer``'s neurons: they are the
+    classes.
+    """
+    config = preset(
         method,
         density=1.0 - recipe.sparsity,
         delta_t=recipe.delta_t,
@@ -115,6 +122,15 @@ def method_config(method: str, recipe: Recipe, seed: int, total_steps: int) -> D
         seed=seed,
         t_end=int(0.75 * total_steps),
     )
+    if output_layer is None:
+        return config
+    structures = tuple(
+        attrs.evolve(s, exempt=(*s.exempt, output_layer))
+        if level_of(s) == COARSE and output_layer not in getattr(s, "exempt", (output_layer,))
+        else s
+        for s in config.structures
+    )
+    return attrs.evolve(config, structures=structures)
 
 
 def train_run(
@@ -159,7 +175,8 @@ def train_run(
         lr_schedule.load_state_dict(state["lr_schedule"])
         start_step = int(state["step"])
     elif method != DENSE:
-        config = method_config(method, recipe, seed, total_steps)
+        output_layer = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        config = method_config(method, recipe, seed, total_steps, output_layer)
         scheduler = DSTScheduler(model, optimizer, config, total_steps=total_steps)
 
     if progress is not None:
@@ -199,7 +216,11 @@ def train_run(
             {
                 "fqn": n,
                 "shape": list(m.weight.shape),
+                "structure": "dense",
                 "sparsity": 0.0,
+                "fan_in_min": m.in_features,
+                "fan_in_max": m.in_features,
+                "satisfied": True,
                 "active_neurons": m.out_features,
                 "fan_out": m.out_features,
             }
@@ -213,7 +234,11 @@ def train_run(
             {
                 "fqn": s.fqn,
                 "shape": list(s.shape),
+                "structure": s.structure,
                 "sparsity": s.sparsity,
+                "fan_in_min": s.fan_in_min,
+                "fan_in_max": s.fan_in_max,
+                "satisfied": s.satisfied,
                 "active_neurons": s.active_neurons,
                 "fan_out": s.fan_out,
                 "itop": s.itop,

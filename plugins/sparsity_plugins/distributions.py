@@ -25,8 +25,13 @@ def scaled_densities(
     density: float,
     raw: Callable[[LayerSpec], float],
     dense_patterns: Sequence[str],
+    fixed: Mapping[str, float] | None = None,
 ) -> Mapping[str, float]:
-    """Densities proportional to ``raw`` (capped at 1) with the exact global ``density``."""
+    """Densities proportional to ``raw`` (capped at 1) with the exact global ``density``.
+
+    ``fixed`` pins some layers' densities (a structure such as N:M imposes them); layers
+    matching ``dense_patterns`` are pinned at 1. The rest share what remains of the budget.
+    """
     name = type(owner).__name__
     for pattern in dense_patterns:
         if not any(fnmatch.fnmatchcase(spec.fqn, pattern) for spec in layers):
@@ -34,33 +39,35 @@ def scaled_densities(
                 f"{name}.dense pattern {pattern!r} matches no sparse layer; layers: "
                 f"{[spec.fqn for spec in layers]}."
             )
-    dense = {
-        spec.fqn for spec in layers if any(fnmatch.fnmatchcase(spec.fqn, p) for p in dense_patterns)
-    }
+    pinned = dict(fixed or {})
+    for spec in layers:
+        if any(fnmatch.fnmatchcase(spec.fqn, p) for p in dense_patterns):
+            pinned[spec.fqn] = 1.0
     total = sum(spec.numel for spec in layers)
     target = density * total
     while True:
-        dense_params = sum(spec.numel for spec in layers if spec.fqn in dense)
-        sparse = [spec for spec in layers if spec.fqn not in dense]
-        remaining = target - dense_params
-        if not sparse:
-            if remaining < -1e-9 * total:
+        pinned_params = sum(spec.numel * pinned[spec.fqn] for spec in layers if spec.fqn in pinned)
+        free = [spec for spec in layers if spec.fqn not in pinned]
+        remaining = target - pinned_params
+        if not free:
+            if abs(remaining) > 1e-9 * total:
                 break
-            return {spec.fqn: 1.0 for spec in layers}
+            return {spec.fqn: pinned[spec.fqn] for spec in layers}
         if remaining <= 0:
             break
-        eps = remaining / sum(raw(spec) * spec.numel for spec in sparse)
-        overflow = [spec for spec in sparse if eps * raw(spec) > 1.0]
+        eps = remaining / sum(raw(spec) * spec.numel for spec in free)
+        overflow = [spec for spec in free if eps * raw(spec) > 1.0]
         if not overflow:
-            out = {spec.fqn: 1.0 for spec in layers if spec.fqn in dense}
-            out.update({spec.fqn: eps * raw(spec) for spec in sparse})
+            out = {spec.fqn: pinned[spec.fqn] for spec in layers if spec.fqn in pinned}
+            out.update({spec.fqn: eps * raw(spec) for spec in free})
             return out
-        dense.add(max(overflow, key=raw).fqn)
-    minimum = sum(spec.numel for spec in layers if spec.fqn in set(dense)) / total
+        pinned[max(overflow, key=raw).fqn] = 1.0
+    implied = sum(spec.numel * pinned[spec.fqn] for spec in layers if spec.fqn in pinned) / total
     raise ConfigError(
-        f"{name}: a global density of {density:.4g} cannot be met while keeping layers "
-        f"{sorted(dense)} dense (they alone need density {minimum:.4g}); raise the density or "
-        f"shorten {name}.dense."
+        f"{name}: a global density of {density:.4g} cannot be met with layers "
+        f"{sorted(pinned)} pinned at densities {[round(pinned[f], 4) for f in sorted(pinned)]} "
+        f"(dense patterns, or structures such as N:M that fix a layer's density; together they "
+        f"imply {implied:.4g}). Change the density to match, or shorten {name}.dense."
     )
 
 
@@ -79,8 +86,10 @@ class Uniform:
 
     dense: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
 
-    def densities(self, layers: Sequence[LayerSpec], density: float) -> Mapping[str, float]:
-        return scaled_densities(self, layers, density, lambda spec: 1.0, self.dense)
+    def densities(
+        self, layers: Sequence[LayerSpec], density: float, fixed: Mapping[str, float] | None = None
+    ) -> Mapping[str, float]:
+        return scaled_densities(self, layers, density, lambda spec: 1.0, self.dense, fixed)
 
 
 @attrs.frozen
@@ -90,9 +99,11 @@ class ErdosRenyi:
     dense: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
     power: float = attrs.field(default=1.0, converter=float, validator=positive)
 
-    def densities(self, layers: Sequence[LayerSpec], density: float) -> Mapping[str, float]:
+    def densities(
+        self, layers: Sequence[LayerSpec], density: float, fixed: Mapping[str, float] | None = None
+    ) -> Mapping[str, float]:
         return scaled_densities(
-            self, layers, density, lambda s: _er_raw(s) ** self.power, self.dense
+            self, layers, density, lambda s: _er_raw(s) ** self.power, self.dense, fixed
         )
 
 
@@ -103,9 +114,11 @@ class ErdosRenyiKernel:
     dense: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
     power: float = attrs.field(default=1.0, converter=float, validator=positive)
 
-    def densities(self, layers: Sequence[LayerSpec], density: float) -> Mapping[str, float]:
+    def densities(
+        self, layers: Sequence[LayerSpec], density: float, fixed: Mapping[str, float] | None = None
+    ) -> Mapping[str, float]:
         return scaled_densities(
-            self, layers, density, lambda s: _erk_raw(s) ** self.power, self.dense
+            self, layers, density, lambda s: _erk_raw(s) ** self.power, self.dense, fixed
         )
 
 

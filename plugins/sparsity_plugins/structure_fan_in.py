@@ -8,6 +8,7 @@ import attrs
 import torch
 
 from sparsity_core import LayerSpec, hookimpl
+from sparsity_core.errors import UpdateError
 from sparsity_core.structures import GroupedStructure
 
 
@@ -16,8 +17,14 @@ class ConstantFanIn(GroupedStructure):
     """Rows of the ``[fan_out, fan_in]`` view (output neurons / channels) each keep k inputs.
 
     ``k = round(density * fan_in)``, so the layer budget is ``k * fan_out`` and the achieved
-    density differs from the requested one by less than half an input per neuron.
+    density differs from the requested one by less than half an input per neuron. Under neuron
+    ablation the layer budget is spread over the active neurons: ``k = budget // active``.
     """
+
+    row_grouped = True
+
+    def describe(self) -> str:
+        return "constant_fan_in"
 
     def group_shape(self, spec: LayerSpec) -> tuple[int, int]:
         return spec.fan_out, spec.fan_in
@@ -25,8 +32,28 @@ class ConstantFanIn(GroupedStructure):
     def budget(self, spec: LayerSpec, density: float) -> int:
         return math.floor(density * spec.fan_in + 0.5) * spec.fan_out
 
-    def group_counts(self, spec: LayerSpec, budget: int, device: torch.device) -> torch.Tensor:
-        return torch.full((spec.fan_out,), budget // spec.fan_out, dtype=torch.long, device=device)
+    def min_active_rows(self, spec: LayerSpec, budget: int) -> int:
+        return max(1, math.ceil(budget / spec.fan_in))
+
+    def group_counts(
+        self,
+        spec: LayerSpec,
+        budget: int,
+        device: torch.device,
+        active_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if active_rows is None:
+            return torch.full(
+                (spec.fan_out,), budget // spec.fan_out, dtype=torch.long, device=device
+            )
+        active_rows = active_rows.to(device)
+        n_active = int(active_rows.sum())
+        if n_active < self.min_active_rows(spec, budget):
+            raise UpdateError(
+                f"layer {spec.fqn!r}: {n_active} active neurons cannot hold {budget} weights "
+                f"with fan-in at most {spec.fan_in}."
+            )
+        return active_rows.long() * (budget // n_active)
 
 
 @hookimpl

@@ -26,6 +26,8 @@ class NM(GroupedStructure):
     A layer kept dense by the distribution (density 1) holds all M of every group.
     """
 
+    row_grouped = True
+
     n: int = attrs.field(default=2, validator=_positive_int)
     m: int = attrs.field(default=4, validator=_positive_int)
 
@@ -33,6 +35,9 @@ class NM(GroupedStructure):
     def _n_le_m(self, attribute, value) -> None:
         if self.n > value:
             raise ConfigError(f"nm n={self.n} > m={value}: N:M keeps N of every M, so N <= M.")
+
+    def describe(self) -> str:
+        return f"nm {self.n}:{self.m}"
 
     @property
     def density(self) -> float:
@@ -61,10 +66,23 @@ class NM(GroupedStructure):
             )
         return spec.numel // self.m * self.n
 
-    def group_counts(self, spec: LayerSpec, budget: int, device: torch.device) -> torch.Tensor:
+    def fixed_density(self, spec: LayerSpec) -> float:
+        return self.density
+
+    def group_counts(
+        self,
+        spec: LayerSpec,
+        budget: int,
+        device: torch.device,
+        active_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         groups = spec.numel // self.m
         per_group = self.m if budget == spec.numel else self.n
-        return torch.full((groups,), per_group, dtype=torch.long, device=device)
+        counts = torch.full((groups,), per_group, dtype=torch.long, device=device)
+        if active_rows is not None:
+            # Groups never span neurons: row r owns groups [r * g, (r + 1) * g).
+            counts *= active_rows.to(device).long().repeat_interleave(spec.fan_in // self.m)
+        return counts
 
 
 @hookimpl

@@ -15,10 +15,19 @@ from sparsity_core.structures import GroupedStructure
 class Unstructured(GroupedStructure):
     """Any mask with exactly the layer's budget of active weights."""
 
+    def describe(self) -> str:
+        return "unstructured"
+
     def group_shape(self, spec: LayerSpec) -> tuple[int, int]:
         return 1, spec.numel
 
-    def group_counts(self, spec: LayerSpec, budget: int, device: torch.device) -> torch.Tensor:
+    def group_counts(
+        self,
+        spec: LayerSpec,
+        budget: int,
+        device: torch.device,
+        active_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return torch.tensor([budget], device=device)
 
     def budget(self, spec: LayerSpec, density: float) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import CheckpointError, UpdateError
 from ..optim_state import param_shaped_state
 from ..scheduler import DSTScheduler
+from ..structures import describe, realized_budget
 from ..telemetry import UpdateRecord
 from ._common import _count, _describe, _fail, _same
 
@@ -166,8 +167,13 @@ class _Training:
                 self._fail(fqn, f"the mask has dtype {mask.dtype} and shape {tuple(mask.shape)}")
             if layer.budget != self.budgets[fqn]:
                 self._fail(fqn, f"the budget changed from {self.budgets[fqn]} to {layer.budget}")
-            if _count(mask) != layer.budget:
-                self._fail(fqn, f"{_count(mask)} weights are active, not the budget {layer.budget}")
+            expected = realized_budget(layer.structure, layer.spec, layer.budget, mask)
+            if expected > layer.budget:
+                self._fail(fqn, f"the realized budget {expected} exceeds the budget {layer.budget}")
+            if _count(mask) != expected:
+                self._fail(fqn, f"{_count(mask)} weights are active, not the budget {expected}")
+            if not layer.structure.satisfied(mask, layer.spec, layer.budget):
+                self._fail(fqn, f"the mask violates the structure {describe(layer.structure)}")
             weight = layer.weight.detach()
             bad = (weight != 0) & ~mask
             if bad.any():
@@ -196,7 +202,7 @@ class _Training:
         for fqn, layer in scheduler.layers.items():
             record, old, new = by_fqn[fqn], masks[fqn], layer.mask
             dropped, grown, kept = old & ~new, new & ~old, old & new
-            if record.step != step or record.active != layer.budget:
+            if record.step != step or record.active != _count(new):
                 self._fail(fqn, f"record {record} disagrees with the step or budget")
             if record.dropped != _count(dropped) or record.grown != _count(grown):
                 self._fail(
@@ -244,7 +250,8 @@ def check_method_run(
 ) -> DSTScheduler:
     """Train with ``config`` for ``steps`` steps, checking the engine's invariants after each.
 
-    After every ``scheduler.step()``: each layer holds exactly its (unchanged) budget; inactive
+    After every ``scheduler.step()``: each layer holds exactly its (unchanged) budget, or
+    under neuron ablation the structure's realized budget, and satisfies its structure; inactive
     weights and inactive parameter-shaped optimizer state are exactly 0; masks are updated in
     place. On update steps the records match the masks (no weight dropped and regrown in one
     update), grown weights are 0 and weights that stayed active are untouched; on other steps

@@ -18,7 +18,7 @@ from sparsity_core.selection import topk_mask
 class CandidateBlindFill(Unstructured):
     """fill() ignores ``candidates``, so it can regrow weights dropped in the same update."""
 
-    def fill(self, scores, base, candidates, budget, spec):
+    def fill(self, scores, base, candidates, budget, spec, **kwargs):
         return base | topk_mask(scores, budget - int(base.sum()), ~base)
 
 
@@ -26,7 +26,7 @@ class CandidateBlindFill(Unstructured):
 class DriftingFill(Unstructured):
     """fill() adds one weight more than the budget whenever it can."""
 
-    def fill(self, scores, base, candidates, budget, spec):
+    def fill(self, scores, base, candidates, budget, spec, **kwargs):
         room = candidates & ~base
         need = min(budget - int(base.sum()) + 1, int(room.sum()))
         return base | topk_mask(scores, need, room)

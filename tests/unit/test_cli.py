@@ -39,7 +39,15 @@ class TestPluginsCommand:
             "random",
             "unfired",
         ]
-        assert plugins["presets"]["components"]["preset"] == ["rigl", "set", "static"]
+        assert plugins["presets"]["components"]["preset"] == [
+            "nm_rigl",
+            "nm_set",
+            "rigl",
+            "set",
+            "srigl",
+            "srigl_no_ablation",
+            "static",
+        ]
 
     def test_python_dash_m_runs_the_same_command(self):
         """`python -m sparsity_core plugins` works like the console script."""

@@ -1,0 +1,162 @@
+"""The ``neuron_ablation`` structure (SRigL): remove neurons with too few salient weights.
+
+At every update, a neuron's salient weights are those that survive the drop plus those among
+the layer's top growth candidates (as many as the update grows). A neuron with fewer than
+``gamma_sal * k`` salient weights (``k`` its current fan-in) is ablated: all its weights are
+dropped and its budget is spread over the remaining neurons, so the fan-in stays constant
+(``k = budget // active neurons``; the few weights that do not divide evenly are left out and
+reported through ``realized_budget``).
+
+Rules:
+* Ablated neurons are not revived: once a neuron's budget has moved to the others it stays there.
+* At least ``max(ceil(min_active_fraction * fan_out), ceil(budget / fan_in))`` neurons stay
+  active; when the rule would ablate more, the least salient go first.
+* Fewer neurons are ablated than the rule asks when the survivors could not be refilled to the
+  larger fan-in from their own previously inactive inputs (a drop is never undone).
+* Layers matching ``exempt`` (fnmatch patterns, e.g. the output layer) are never ablated.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, ClassVar
+
+import attrs
+import torch
+
+from sparsity_core import LayerSpec, hookimpl
+from sparsity_core.selection import topk_mask
+from sparsity_core.structures import COARSE, active_rows_of, describe
+
+from ._validators import str_tuple, unit_interval
+
+
+@attrs.frozen
+class NeuronAblation:
+    """Neuron ablation: a coarse structure that wraps ``constant_fan_in`` or ``nm``."""
+
+    level: ClassVar[str] = COARSE
+
+    gamma_sal: float = attrs.field(default=0.3, converter=float, validator=unit_interval)
+    min_active_fraction: float = attrs.field(default=0.0, converter=float, validator=unit_interval)
+    exempt: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
+
+    def wrap(self, inner: Any) -> AblatedStructure:
+        return AblatedStructure(self, inner)
+
+
+def _rows(spec: LayerSpec, t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(spec.fan_out, -1)
+
+
+@attrs.frozen
+class AblatedStructure:
+    """``inner`` with neuron ablation applied before each grow (the composed structure)."""
+
+    ablation: NeuronAblation
+    inner: Any
+
+    def describe(self) -> str:
+        return f"neuron_ablation + {describe(self.inner)}"
+
+    def _exempt(self, spec: LayerSpec) -> bool:
+        return any(fnmatch.fnmatchcase(spec.fqn, p) for p in self.ablation.exempt)
+
+    def _min_rows(self, spec: LayerSpec, budget: int) -> int:
+        by_fraction = math.ceil(self.ablation.min_active_fraction * spec.fan_out)
+        return max(by_fraction, self.inner.min_active_rows(spec, budget), 1)
+
+    def validate(self, spec: LayerSpec) -> None:
+        self.inner.validate(spec)
+
+    def budget(self, spec: LayerSpec, density: float) -> int:
+        return self.inner.budget(spec, density)
+
+    def fixed_density(self, spec: LayerSpec) -> float | None:
+        return self.inner.fixed_density(spec)
+
+    def min_active_rows(self, spec: LayerSpec, budget: int) -> int:
+        return self._min_rows(spec, budget)
+
+    def realized_budget(
+        self, spec: LayerSpec, budget: int, mask: torch.Tensor | None = None
+    ) -> int:
+        if mask is None or self._exempt(spec):
+            return budget
+        counts = self.inner.group_counts(spec, budget, mask.device, active_rows_of(mask))
+        return int(counts.sum())
+
+    def keep(
+        self, scores: torch.Tensor, mask: torch.Tensor, fraction: float, spec: LayerSpec
+    ) -> torch.Tensor:
+        return self.inner.keep(scores, mask, fraction, spec)
+
+    def _row_counts(self, spec: LayerSpec, budget: int, active: torch.Tensor) -> torch.Tensor:
+        counts = self.inner.group_counts(spec, budget, active.device, active)
+        return counts.reshape(spec.fan_out, -1).sum(dim=1)
+
+    def fill(
+        self,
+        scores: torch.Tensor,
+        base: torch.Tensor,
+        candidates: torch.Tensor,
+        budget: int,
+        spec: LayerSpec,
+        *,
+        previous: torch.Tensor | None = None,
+        active_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if previous is None or self._exempt(spec):
+            # The initial mask (and exempt layers) keep every neuron.
+            return self.inner.fill(scores, base, candidates, budget, spec)
+        active_old = active_rows_of(previous)
+        k_old = self._row_counts(spec, budget, active_old)
+        pool = candidates & ~base & active_old.reshape(-1, *([1] * (base.dim() - 1)))
+        n_grow = int(k_old.sum()) - int(base.sum())
+        top = topk_mask(scores, min(max(n_grow, 0), int(pool.sum())), pool)
+        salient = _rows(spec, base | top).sum(dim=1)
+        below = active_old & (salient < self.ablation.gamma_sal * k_old)
+        # Least salient first; never below the minimum of active neurons.
+        order = torch.argsort(torch.where(below, salient, salient.new_full((), 2**62)), stable=True)
+        most = min(int(below.sum()), int(active_old.sum()) - self._min_rows(spec, budget))
+        capacity = _rows(spec, base | (candidates & ~base)).sum(dim=1)
+
+        def survivors(n_ablate: int) -> torch.Tensor:
+            active = active_old.clone()
+            active[order[:n_ablate]] = False
+            return active
+
+        def feasible(n_ablate: int) -> bool:
+            active = survivors(n_ablate)
+            return bool((self._row_counts(spec, budget, active) <= capacity).all())
+
+        lo, hi = 0, max(most, 0)  # lo is always feasible: no ablation refills from inactive inputs
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if feasible(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        active_new = survivors(lo)
+        keep_rows = active_new.reshape(-1, *([1] * (base.dim() - 1)))
+        return self.inner.fill(
+            scores, base & keep_rows, candidates & keep_rows, budget, spec, active_rows=active_new
+        )
+
+    def satisfied(self, mask: torch.Tensor, spec: LayerSpec, budget: int) -> bool:
+        if self._exempt(spec):
+            return self.inner.satisfied(mask, spec, budget)
+        active = active_rows_of(mask)
+        if int(active.sum()) < self._min_rows(spec, budget):
+            return False
+        return self.inner.satisfied(mask, spec, budget, active_rows=active)
+
+
+@hookimpl
+def sparsity_register_structures(register) -> None:
+    register(
+        "neuron_ablation",
+        NeuronAblation,
+        summary="SRigL: ablate neurons with < gamma_sal * k salient weights (wraps a fine one)",
+    )

@@ -169,6 +169,7 @@ class DSTScheduler:
                     f"(exclude=[{spec.fqn!r}])."
                 )
             budgets[spec.fqn] = budget
+        self.target_densities = {spec.fqn: float(densities[spec.fqn]) for spec in specs}
         return budgets
 
     @torch.no_grad()
@@ -288,6 +289,7 @@ class DSTScheduler:
                     fan_in_min=int(live.min()) if live.numel() else 0,
                     fan_in_max=int(live.max()) if live.numel() else 0,
                     satisfied=bool(layer.structure.satisfied(layer.mask, layer.spec, layer.budget)),
+                    target_density=self.target_densities[fqn],
                 )
             )
         return out
@@ -295,6 +297,10 @@ class DSTScheduler:
     def itop_rate(self) -> float:
         """Fraction of the sparse layers' weights that have been active at any time."""
         return itop_rate(self.summary())
+
+    def target_density(self) -> float:
+        """The density the config asked for over these layers (``config.density``)."""
+        return self.config.density
 
     def density(self) -> float:
         """Achieved global density over the sparse layers, counted from the masks."""

@@ -55,6 +55,7 @@ class LayerSummary:
     fan_in_min: int = 0
     fan_in_max: int = 0
     satisfied: bool = True
+    target_density: float | None = None
 
     @property
     def density(self) -> float:

@@ -74,6 +74,34 @@ class TestTrainCommand:
         assert 0.0 < rigl["test_accuracy"] <= 1.0
         assert all(0.0 < layer["sparsity"] < 1.0 for layer in rigl["layers"])
 
+    def test_structured_methods_report_fan_in_and_validity(self, capsys, tmp_path):
+        """SRigL and nm_rigl runs report constant fan-in, active neurons and a holding structure."""
+        out_json = tmp_path / "runs.json"
+        argv = [
+            "train",
+            *TINY,
+            "--hidden",
+            "64",
+            "--method",
+            "srigl",
+            "--method",
+            "nm_rigl",
+            "--no-dense",
+            "--json",
+            str(out_json),
+        ]
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "neuron_ablation + constant_fan_in" in out and "nm 3:32" in out
+        runs = {r["method"]: r for r in json.loads(out_json.read_text())["runs"]}
+        for run in runs.values():
+            assert all(layer["satisfied"] for layer in run["layers"])
+            hidden = run["layers"][0]
+            assert hidden["fan_in_min"] == hidden["fan_in_max"] > 0
+        assert runs["nm_rigl"]["density"] == pytest.approx(3 / 32)
+        head = runs["srigl"]["layers"][-1]
+        assert head["active_neurons"] == head["fan_out"]  # the output layer is never ablated
+
     def test_unknown_method_fails_before_training(self, capsys):
         """A misspelled method exits with code 2 and lists the presets, without training."""
         assert main(["train", *TINY, "--method", "rigll"]) == 2

@@ -17,7 +17,7 @@ from .layers import LayerSpec, select_layers
 from .optim_state import check_optimizer_holds, param_shaped_state, reset_state_at
 from .protocols import Capabilities, capabilities_of
 from .registry import Registry, get_registry
-from .structures import compose_structures, describe
+from .structures import compose_structures, describe, realized_budget
 from .telemetry import LayerSummary, UpdateRecord, active_neurons, itop_rate
 
 __all__ = ["SCHEMA_VERSION", "DSTScheduler"]
@@ -406,10 +406,15 @@ class DSTScheduler:
                     raise CheckpointError(
                         f"checkpoint {key}[{fqn!r}] is missing or has the wrong shape."
                     )
-            if int(state["masks"][fqn].sum()) != layer.budget:
+            saved_mask = state["masks"][fqn].to(dtype=torch.bool)
+            expected = realized_budget(layer.structure, layer.spec, layer.budget, saved_mask)
+            if int(saved_mask.sum()) != expected or not layer.structure.satisfied(
+                saved_mask, layer.spec, layer.budget
+            ):
                 raise CheckpointError(
-                    f"checkpoint mask of {fqn!r} has {int(state['masks'][fqn].sum())} active "
-                    f"weights, not its budget {layer.budget}; the file is corrupt."
+                    f"checkpoint mask of {fqn!r} has {int(saved_mask.sum())} active weights "
+                    f"(expected {expected}) or breaks the structure {describe(layer.structure)}; "
+                    f"the file is corrupt or was written for another structure."
                 )
         for fqn, layer in self.layers.items():
             layer.mask.copy_(state["masks"][fqn])

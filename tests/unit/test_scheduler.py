@@ -164,3 +164,33 @@ class TestConvLayers:
         for layer in sched.layers.values():
             assert int(layer.mask.sum()) == layer.budget
             assert sched.structure.satisfied(layer.mask, layer.spec, layer.budget)
+
+
+class TestAblationCheckpoint:
+    def test_resume_after_neurons_were_ablated(self):
+        """A checkpoint taken after ablation (fewer weights than the nominal budget) resumes."""
+        from sparsity_core.testing import check_checkpoint_resume
+
+        def build():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 3))
+
+        gen = torch.Generator().manual_seed(0)
+        data = [(torch.randn(16, 16, generator=gen), torch.randn(16, 3, generator=gen))] * 2
+        structures = [{"kind": "neuron_ablation", "gamma_sal": 0.9}, "constant_fan_in"]
+        config = sc.preset("srigl", density=0.2, delta_t=2, structures=structures)
+        adam = lambda params: torch.optim.Adam(params, lr=1e-2)  # noqa: E731
+        model = build()
+        opt = adam(model.parameters())
+        sched = sc.DSTScheduler(model, opt, config, total_steps=24)
+        for step in range(12):
+            x, y = data[step % 2]
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            sched.step()
+        first = sched.summary()[0]
+        assert first.active_neurons < first.fan_out and first.active < first.budget
+        check_checkpoint_resume(
+            config, build, steps=24, resume_at=12, optimizer_factory=adam, data=data
+        )

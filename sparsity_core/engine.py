@@ -20,6 +20,7 @@ from .errors import UpdateError
 from .layers import LayerSpec
 from .optim_state import reset_state_at
 from .rng import make_generator
+from .selection import count
 from .structures import realized_budget
 from .telemetry import UpdateRecord, active_neurons
 
@@ -37,10 +38,19 @@ class LayerState:
     budget: int
     ever_active: torch.Tensor
     grad_momentum: torch.Tensor | None = None
+    inactive: torch.Tensor = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.inactive = torch.logical_not(self.mask)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
+
+    def set_mask(self, new_mask: torch.Tensor) -> None:
+        """Update the mask in place (and its cached complement, used on every step)."""
+        self.mask.copy_(new_mask)
+        torch.logical_not(self.mask, out=self.inactive)
 
 
 @attrs.define(eq=False)
@@ -165,7 +175,7 @@ def compute_change(
     expected = realized_budget(structure, spec, layer.budget, new_mask)
     if (
         bool((new_mask & ~(keep | candidates)).any())
-        or int(new_mask.sum()) != expected
+        or count(new_mask) != expected
         or expected > layer.budget
         or not structure.satisfied(new_mask, spec, layer.budget)
     ):
@@ -173,7 +183,7 @@ def compute_change(
             f"structure {_component_name(structure)} returned an invalid mask for layer "
             f"{spec.fqn!r}: fill() must add only candidates (never regrow a weight dropped in "
             f"the same update), satisfy the structure and hold exactly its budget of {expected} "
-            f"(got {int(new_mask.sum())})."
+            f"(got {count(new_mask)})."
         )
     return MaskChange(new_mask=new_mask, dropped=mask & ~new_mask, grown=new_mask & ~mask)
 
@@ -187,7 +197,7 @@ def commit_change(
     fraction: float,
 ) -> UpdateRecord:
     """Apply a computed change in place: mask, weights, optimizer state, history."""
-    layer.mask.copy_(change.new_mask)
+    layer.set_mask(change.new_mask)
     # Grown weights start at exactly zero; dropped ones become zero.
     layer.weight.masked_fill_(~change.new_mask | change.grown, 0)
     changed = change.dropped | change.grown
@@ -197,13 +207,13 @@ def commit_change(
         fqn=layer.spec.fqn,
         step=step,
         fraction=fraction,
-        dropped=int(change.dropped.sum()),
-        grown=int(change.grown.sum()),
-        active=int(change.new_mask.sum()),
+        dropped=count(change.dropped),
+        grown=count(change.grown),
+        active=count(change.new_mask),
         numel=layer.spec.numel,
         active_neurons=active_neurons(change.new_mask),
         fan_out=layer.spec.fan_out,
-        ever_active=int(layer.ever_active.sum()),
+        ever_active=count(layer.ever_active),
     )
 
 
@@ -215,7 +225,7 @@ def plan_initial_mask(
     scores = torch.rand(spec.shape, generator=gen, device=device)
     empty = torch.zeros(spec.shape, dtype=torch.bool, device=device)
     mask = structure.fill(scores, empty, ~empty, budget, spec)
-    if int(mask.sum()) != budget or not structure.satisfied(mask, spec, budget):
+    if count(mask) != budget or not structure.satisfied(mask, spec, budget):
         raise UpdateError(
             f"structure {_component_name(structure)} could not build an initial mask with "
             f"{budget} active weights for layer {spec.fqn!r}."

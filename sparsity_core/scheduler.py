@@ -17,6 +17,7 @@ from .layers import LayerSpec, select_layers
 from .optim_state import check_optimizer_holds, param_shaped_state, reset_state_at
 from .protocols import Capabilities, capabilities_of
 from .registry import Registry, get_registry
+from .selection import count
 from .structures import compose_structures, describe, realized_budget
 from .telemetry import LayerSummary, UpdateRecord, active_neurons, itop_rate
 
@@ -175,9 +176,9 @@ class DSTScheduler:
     @torch.no_grad()
     def _apply_masks(self, *, reset_optimizer: bool) -> None:
         for layer in self.layers.values():
-            layer.weight.masked_fill_(~layer.mask, 0)
+            layer.weight.masked_fill_(layer.inactive, 0)
             if reset_optimizer:
-                reset_state_at(self.optimizer, layer.weight, ~layer.mask)
+                reset_state_at(self.optimizer, layer.weight, layer.inactive)
 
     # -- per-step hooks (the hot path: keep them cheap) ----------------------------------------
 
@@ -192,12 +193,12 @@ class DSTScheduler:
                 self._captured_grads[fqn] = grad.detach().clone()
             if beta is not None and self._step < self.config.t_end:
                 layer.grad_momentum.mul_(beta).add_(grad.detach(), alpha=1.0 - beta)
-            grad.masked_fill_(~layer.mask, 0)
+            grad.masked_fill_(layer.inactive, 0)
 
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         for layer in self.layers.values():
-            layer.weight.masked_fill_(~layer.mask, 0)
+            layer.weight.masked_fill_(layer.inactive, 0)
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -280,11 +281,11 @@ class DSTScheduler:
                     fqn=fqn,
                     shape=layer.spec.shape,
                     budget=layer.budget,
-                    active=int(layer.mask.sum()),
+                    active=count(layer.mask),
                     numel=layer.spec.numel,
                     active_neurons=active_neurons(layer.mask),
                     fan_out=layer.spec.fan_out,
-                    ever_active=int(layer.ever_active.sum()),
+                    ever_active=count(layer.ever_active),
                     structure=describe(layer.structure),
                     fan_in_min=int(live.min()) if live.numel() else 0,
                     fan_in_max=int(live.max()) if live.numel() else 0,
@@ -305,7 +306,7 @@ class DSTScheduler:
     def density(self) -> float:
         """Achieved global density over the sparse layers, counted from the masks."""
         total = sum(layer.spec.numel for layer in self.layers.values())
-        return sum(int(layer.mask.sum()) for layer in self.layers.values()) / total
+        return sum(count(layer.mask) for layer in self.layers.values()) / total
 
     def remove(self) -> None:
         """Detach the optimizer hooks (the masks stop being enforced)."""
@@ -417,7 +418,7 @@ class DSTScheduler:
                     f"the file is corrupt or was written for another structure."
                 )
         for fqn, layer in self.layers.items():
-            layer.mask.copy_(state["masks"][fqn])
+            layer.set_mask(state["masks"][fqn])
             layer.ever_active.copy_(state["ever_active"][fqn])
             if layer.grad_momentum is not None:
                 saved = state.get("grad_momentum", {}).get(fqn)

@@ -2,7 +2,10 @@
 
 Non-finite scores (NaN, +Inf, -Inf) are the lowest priority among candidates: they are chosen
 only when nothing finite is left, so a NaN gradient can never change how many weights are
-selected. Ties are broken by PyTorch's ``topk``/``sort`` (deterministic on a given device).
+selected. Ties are broken by PyTorch's ``topk`` (deterministic on a given device).
+
+Costs: every routine is a constant number of passes over the layer plus a ``topk`` whose
+``k`` is the number of positions that change, never a full sort.
 """
 
 from __future__ import annotations
@@ -11,7 +14,21 @@ import torch
 
 from .errors import UpdateError
 
-__all__ = ["grouped_fill", "grouped_keep", "grouped_topk_mask", "priority", "topk_mask"]
+__all__ = [
+    "count",
+    "grouped_fill",
+    "grouped_keep",
+    "grouped_topk_mask",
+    "priority",
+    "topk_mask",
+]
+
+_NEG_INF = float("-inf")
+
+
+def count(mask: torch.Tensor) -> int:
+    """Number of set positions of a boolean tensor (faster than ``int(mask.sum())``)."""
+    return int(torch.count_nonzero(mask))
 
 
 def priority(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -20,13 +37,13 @@ def priority(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     if not key.is_floating_point():
         key = key.float()
     lowest = torch.finfo(key.dtype).min
-    key = torch.where(torch.isfinite(key), key, torch.full_like(key, lowest))
-    return key.masked_fill(~candidates, float("-inf"))
+    key = torch.nan_to_num(key, nan=lowest, posinf=lowest, neginf=lowest)
+    return key.masked_fill_(~candidates, _NEG_INF)
 
 
 def topk_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor) -> torch.Tensor:
     """A boolean mask shaped like ``scores`` selecting the ``k`` best ``candidates``."""
-    available = int(candidates.sum())
+    available = count(candidates)
     if not 0 <= k <= available:
         raise UpdateError(f"cannot select {k} of {available} candidate positions.")
     out = torch.zeros_like(candidates, dtype=torch.bool)
@@ -40,27 +57,35 @@ def topk_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor) -> torch.T
     return out
 
 
+def _first_k_per_row(key: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Row ``g`` of the 2-D ``key`` selects its ``k[g]`` largest entries (one batched topk)."""
+    out = torch.zeros(key.shape, dtype=torch.bool, device=key.device)
+    k_max = int(k.max()) if k.numel() else 0
+    if k_max == 0:
+        return out
+    idx = torch.topk(key, k_max, dim=1, sorted=True).indices
+    take = torch.arange(k_max, device=key.device).expand_as(idx) < k.reshape(-1, 1)
+    return out.scatter_(1, idx, take)
+
+
 def grouped_topk_mask(
     scores: torch.Tensor, k: torch.Tensor, candidates: torch.Tensor
 ) -> torch.Tensor:
     """Per-row top-k: row ``g`` of the 2-D ``scores`` keeps its ``k[g]`` best candidates.
 
-    Vectorised over rows (one sort), so it costs the same for any number of groups.
+    Vectorised over rows (one ``topk`` with ``k = max(k)``), whatever the number of groups.
     """
     if scores.dim() != 2:
         raise ValueError(f"grouped_topk_mask expects 2-D scores, got shape {tuple(scores.shape)}")
-    k = k.to(device=scores.device, dtype=torch.long).reshape(-1, 1)
-    available = candidates.sum(dim=1, keepdim=True)
-    if bool((k < 0).any()) or bool((k > available).any()):
-        bad = int(torch.nonzero((k < 0) | (k > available))[0, 0])
+    k = k.to(device=scores.device, dtype=torch.long).reshape(-1)
+    available = candidates.sum(dim=1)
+    bad = (k < 0) | (k > available)
+    if bool(bad.any()):
+        g = int(torch.nonzero(bad)[0, 0])
         raise UpdateError(
-            f"cannot select {int(k[bad])} of {int(available[bad])} candidates in group {bad}."
+            f"cannot select {int(k[g])} of {int(available[g])} candidates in group {g}."
         )
-    key = priority(scores, candidates)
-    order = torch.argsort(key, dim=1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(key.shape[1], device=key.device).expand_as(order))
-    return ranks < k
+    return _first_k_per_row(priority(scores, candidates), k)
 
 
 def grouped_keep(
@@ -72,19 +97,18 @@ def grouped_keep(
     refillable from its own previously inactive positions. Returns the kept mask (a subset of
     ``mask``). ``n_drop`` is reduced to what the caps allow.
     """
-    keep_key = priority(scores, mask)
     # Highest drop priority first: lowest scores, and non-finite scores before everything.
-    drop_key = torch.where(mask, -keep_key, torch.full_like(keep_key, float("-inf")))
+    drop_key = priority(scores, mask).neg_().masked_fill_(~mask, _NEG_INF)
     droppable = mask
     if cap is not None:
-        cap = cap.to(device=scores.device, dtype=torch.long).reshape(-1, 1)
-        order = torch.argsort(drop_key, dim=1, descending=True, stable=True)
-        ranks = torch.empty_like(order)
-        ranks.scatter_(
-            1, order, torch.arange(drop_key.shape[1], device=drop_key.device).expand_as(order)
-        )
-        droppable = mask & (ranks < cap)
-    n_drop = min(int(n_drop), int(droppable.sum()))
+        cap = cap.to(device=scores.device, dtype=torch.long).reshape(-1)
+        active = mask.sum(dim=1)
+        if bool((active > cap).any()):
+            # A cap can bind: only each row's ``cap`` most droppable positions may go.
+            droppable = mask & _first_k_per_row(drop_key, torch.minimum(cap, active))
+    n_drop = min(int(n_drop), count(droppable))
+    if n_drop == 0:
+        return mask.clone()
     return mask & ~topk_mask(drop_key, n_drop, droppable)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from .errors import ConfigError
 from .layers import LayerSpec
-from .selection import grouped_fill, grouped_keep
+from .selection import count, grouped_fill, grouped_keep
 
 __all__ = [
     "COARSE",
@@ -160,7 +160,7 @@ class GroupedStructure:
     ) -> torch.Tensor:
         groups, size = self.group_shape(spec)
         m2 = mask.reshape(groups, size)
-        active = int(mask.sum())
+        active = count(mask)
         n_drop = math.floor(fraction * active)
         if groups == 1:
             # Never drop more than can be regrown from positions inactive before the update.
@@ -201,6 +201,4 @@ class GroupedStructure:
             return False
         groups, size = self.group_shape(spec)
         counts = self.group_counts(spec, budget, mask.device, active_rows)
-        return int(mask.sum()) == int(counts.sum()) and bool(
-            torch.equal(mask.reshape(groups, size).sum(dim=1), counts)
-        )
+        return bool(torch.equal(mask.reshape(groups, size).sum(dim=1), counts))

@@ -5,7 +5,8 @@ the layer's top growth candidates (as many as the update grows). A neuron with f
 ``gamma_sal * k`` salient weights (``k`` its current fan-in) is ablated: all its weights are
 dropped and its budget is spread over the remaining neurons, so the fan-in stays constant
 (``k = budget // active neurons``; the few weights that do not divide evenly are left out and
-reported through ``realized_budget``).
+reported through ``realized_budget``). Under N:M, whose N per group is fixed, the ablated
+neuron's weights leave the layer's count instead.
 
 Rules:
 * Ablated neurons are not revived: once a neuron's budget has moved to the others it stays there.

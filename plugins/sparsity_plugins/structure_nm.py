@@ -6,6 +6,8 @@ contiguous ``(C_in, kh, kw)`` order), so ``weight.reshape(-1, M)`` lists the gro
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import torch
 
@@ -23,7 +25,9 @@ def _positive_int(instance, attribute, value) -> None:
 class NM(GroupedStructure):
     """N:M semi-structured sparsity (2:4 by default): a fixed density of N/M per layer.
 
-    A layer kept dense by the distribution (density 1) holds all M of every group.
+    A layer kept dense by the distribution (density 1) holds all M of every group. Under neuron
+    ablation an ablated neuron's groups hold nothing, and its budget is not redistributed: N
+    per group is fixed, so the layer keeps ``N * fan_in / M`` weights per active neuron.
     """
 
     row_grouped = True
@@ -65,6 +69,9 @@ class NM(GroupedStructure):
                 f"`dense` stay dense)."
             )
         return spec.numel // self.m * self.n
+
+    def min_active_rows(self, spec: LayerSpec, budget: int) -> int:
+        return max(1, math.ceil(budget / spec.fan_in))
 
     def fixed_density(self, spec: LayerSpec) -> float:
         return self.density

@@ -24,7 +24,14 @@ from .selection import count
 from .structures import realized_budget
 from .telemetry import UpdateRecord, active_neurons
 
-__all__ = ["LayerState", "MaskChange", "commit_change", "compute_change", "plan_initial_mask"]
+__all__ = [
+    "LayerState",
+    "MaskChange",
+    "commit_change",
+    "compute_change",
+    "plan_initial_mask",
+    "zero_inactive_",
+]
 
 
 @attrs.define(eq=False)
@@ -38,19 +45,23 @@ class LayerState:
     budget: int
     ever_active: torch.Tensor
     grad_momentum: torch.Tensor | None = None
-    inactive: torch.Tensor = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self.inactive = torch.logical_not(self.mask)
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
     def set_mask(self, new_mask: torch.Tensor) -> None:
-        """Update the mask in place (and its cached complement, used on every step)."""
+        """Update the mask in place (optimizers, DDP and checkpoints keep the same tensor)."""
         self.mask.copy_(new_mask)
-        torch.logical_not(self.mask, out=self.inactive)
+
+
+def zero_inactive_(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Set ``tensor`` to exactly 0 where ``mask`` is off, in place (NaN and Inf included).
+
+    ``torch.where`` into its own input is several times faster on CPU than ``masked_fill_``
+    and, unlike multiplying by the mask, never keeps a NaN at an inactive position.
+    """
+    return torch.where(mask, tensor, tensor.new_zeros(()), out=tensor)
 
 
 @attrs.define(eq=False)

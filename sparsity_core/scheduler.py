@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from .config import DSTConfig
-from .engine import LayerState, MaskChange, commit_change, compute_change, plan_initial_mask
+from .engine import (
+    LayerState,
+    MaskChange,
+    commit_change,
+    compute_change,
+    plan_initial_mask,
+    zero_inactive_,
+)
 from .errors import CheckpointError, ConfigError, LayerError, UpdateError
 from .layers import LayerSpec, select_layers
 from .optim_state import check_optimizer_holds, param_shaped_state, reset_state_at
@@ -176,9 +183,9 @@ class DSTScheduler:
     @torch.no_grad()
     def _apply_masks(self, *, reset_optimizer: bool) -> None:
         for layer in self.layers.values():
-            layer.weight.masked_fill_(layer.inactive, 0)
+            zero_inactive_(layer.weight, layer.mask)
             if reset_optimizer:
-                reset_state_at(self.optimizer, layer.weight, layer.inactive)
+                reset_state_at(self.optimizer, layer.weight, ~layer.mask)
 
     # -- per-step hooks (the hot path: keep them cheap) ----------------------------------------
 
@@ -193,12 +200,12 @@ class DSTScheduler:
                 self._captured_grads[fqn] = grad.detach().clone()
             if beta is not None and self._step < self.config.t_end:
                 layer.grad_momentum.mul_(beta).add_(grad.detach(), alpha=1.0 - beta)
-            grad.masked_fill_(layer.inactive, 0)
+            zero_inactive_(grad, layer.mask)
 
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         for layer in self.layers.values():
-            layer.weight.masked_fill_(layer.inactive, 0)
+            zero_inactive_(layer.weight, layer.mask)
 
     # -- public API -----------------------------------------------------------------------------
 

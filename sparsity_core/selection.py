@@ -20,6 +20,7 @@ __all__ = [
     "grouped_keep",
     "grouped_topk_mask",
     "priority",
+    "row_counts",
     "topk_mask",
 ]
 
@@ -29,6 +30,11 @@ _NEG_INF = float("-inf")
 def count(mask: torch.Tensor) -> int:
     """Number of set positions of a boolean tensor (faster than ``int(mask.sum())``)."""
     return int(torch.count_nonzero(mask))
+
+
+def row_counts(mask: torch.Tensor) -> torch.Tensor:
+    """Set positions per row of a 2-D boolean tensor, as int64 (about 2x faster than ``sum``)."""
+    return mask.contiguous().view(torch.uint8).sum(dim=1, dtype=torch.int32).long()
 
 
 def priority(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -78,14 +84,16 @@ def grouped_topk_mask(
     if scores.dim() != 2:
         raise ValueError(f"grouped_topk_mask expects 2-D scores, got shape {tuple(scores.shape)}")
     k = k.to(device=scores.device, dtype=torch.long).reshape(-1)
-    available = candidates.sum(dim=1)
-    bad = (k < 0) | (k > available)
-    if bool(bad.any()):
-        g = int(torch.nonzero(bad)[0, 0])
-        raise UpdateError(
-            f"cannot select {int(k[g])} of {int(available[g])} candidates in group {g}."
-        )
-    return _first_k_per_row(priority(scores, candidates), k)
+    if bool((k < 0).any()):
+        raise UpdateError(f"cannot select a negative number of positions: {k.min()}.")
+    out = _first_k_per_row(priority(scores, candidates), k)
+    # A group asked for more than it has would have taken non-candidates (key -inf).
+    short = out & ~candidates
+    if bool(short.any()):
+        g = int(torch.nonzero(short.any(dim=1))[0, 0])
+        available = int(candidates[g].sum())
+        raise UpdateError(f"cannot select {int(k[g])} of {available} candidates in group {g}.")
+    return out
 
 
 def grouped_keep(
@@ -102,7 +110,7 @@ def grouped_keep(
     droppable = mask
     if cap is not None:
         cap = cap.to(device=scores.device, dtype=torch.long).reshape(-1)
-        active = mask.sum(dim=1)
+        active = row_counts(mask)
         if bool((active > cap).any()):
             # A cap can bind: only each row's ``cap`` most droppable positions may go.
             droppable = mask & _first_k_per_row(drop_key, torch.minimum(cap, active))
@@ -118,7 +126,7 @@ def grouped_fill(
     """Complete ``base`` so row ``g`` of the 2-D mask holds exactly ``counts[g]`` positions,
     adding the highest-scoring ``candidates``."""
     counts = counts.to(device=scores.device, dtype=torch.long)
-    need = counts - base.sum(dim=1)
+    need = counts - row_counts(base)
     if bool((need < 0).any()):
         g = int(torch.nonzero(need < 0)[0, 0])
         raise UpdateError(

@@ -20,7 +20,7 @@ import torch
 
 from .errors import ConfigError
 from .layers import LayerSpec
-from .selection import count, grouped_fill, grouped_keep
+from .selection import count, grouped_fill, grouped_keep, row_counts
 
 __all__ = [
     "COARSE",
@@ -166,7 +166,7 @@ class GroupedStructure:
             # Never drop more than can be regrown from positions inactive before the update.
             kept = grouped_keep(scores.reshape(1, size), m2, min(n_drop, size - active))
         else:
-            kept = grouped_keep(scores.reshape(groups, size), m2, n_drop, size - m2.sum(dim=1))
+            kept = grouped_keep(scores.reshape(groups, size), m2, n_drop, size - row_counts(m2))
         return kept.reshape(mask.shape)
 
     def fill(
@@ -201,4 +201,4 @@ class GroupedStructure:
             return False
         groups, size = self.group_shape(spec)
         counts = self.group_counts(spec, budget, mask.device, active_rows)
-        return bool(torch.equal(mask.reshape(groups, size).sum(dim=1), counts))
+        return bool(torch.equal(row_counts(mask.reshape(groups, size)), counts))

@@ -27,7 +27,7 @@ import attrs
 import torch
 
 from sparsity_core import LayerSpec, hookimpl
-from sparsity_core.selection import topk_mask
+from sparsity_core.selection import count, row_counts, topk_mask
 from sparsity_core.structures import COARSE, active_rows_of, describe
 
 from ._validators import str_tuple, unit_interval
@@ -114,14 +114,14 @@ class AblatedStructure:
         active_old = active_rows_of(previous)
         k_old = self._row_counts(spec, budget, active_old)
         pool = candidates & ~base & active_old.reshape(-1, *([1] * (base.dim() - 1)))
-        n_grow = int(k_old.sum()) - int(base.sum())
-        top = topk_mask(scores, min(max(n_grow, 0), int(pool.sum())), pool)
-        salient = _rows(spec, base | top).sum(dim=1)
+        n_grow = int(k_old.sum()) - count(base)
+        top = topk_mask(scores, min(max(n_grow, 0), count(pool)), pool)
+        salient = row_counts(_rows(spec, base | top))
         below = active_old & (salient < self.ablation.gamma_sal * k_old)
         # Least salient first; never below the minimum of active neurons.
         order = torch.argsort(torch.where(below, salient, salient.new_full((), 2**62)), stable=True)
         most = min(int(below.sum()), int(active_old.sum()) - self._min_rows(spec, budget))
-        capacity = _rows(spec, base | (candidates & ~base)).sum(dim=1)
+        capacity = row_counts(_rows(spec, base | candidates))
 
         def survivors(n_ablate: int) -> torch.Tensor:
             active = active_old.clone()

@@ -19,7 +19,7 @@ import functools
 import importlib.metadata as importlib_metadata
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -369,6 +369,3 @@ def components_by_plugin(registry: Registry) -> dict[str, dict[str, list[str]]]:
     for entry in registry.entries():
         out.setdefault(entry.plugin, {}).setdefault(entry.type.value, []).append(entry.name)
     return out
-
-
-ComponentFactory = Callable[..., Any]

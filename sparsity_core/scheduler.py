@@ -10,6 +10,7 @@ import attrs
 import torch
 from torch import nn
 
+from .checkpoint import SCHEMA_VERSION, check_config, check_layers, check_schema
 from .config import DSTConfig
 from .engine import (
     LayerState,
@@ -19,18 +20,16 @@ from .engine import (
     plan_initial_mask,
     zero_inactive_,
 )
-from .errors import CheckpointError, ConfigError, LayerError, UpdateError
+from .errors import ConfigError, LayerError, UpdateError
 from .layers import LayerSpec, select_layers
 from .optim_state import check_optimizer_holds, param_shaped_state, reset_state_at
 from .protocols import Capabilities, capabilities_of
 from .registry import Registry, get_registry
 from .selection import count
-from .structures import compose_structures, describe, realized_budget
+from .structures import compose_structures, describe
 from .telemetry import LayerSummary, UpdateRecord, active_neurons, itop_rate
 
 __all__ = ["SCHEMA_VERSION", "DSTScheduler"]
-
-SCHEMA_VERSION = 1
 
 
 def _merge(a: Capabilities, b: Capabilities) -> Capabilities:
@@ -345,25 +344,6 @@ class DSTScheduler:
             "history": [record.to_dict() for record in self.history],
         }
 
-    @staticmethod
-    def _check_schema(state: Mapping[str, Any]) -> None:
-        if not isinstance(state, Mapping) or "schema_version" not in state:
-            raise CheckpointError(
-                "this is not a DSTScheduler state dict (no 'schema_version'); pass the dict "
-                "returned by scheduler.state_dict()."
-            )
-        version = state["schema_version"]
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise CheckpointError(
-                f"checkpoint schema version {version!r} is newer than this sparsity-core "
-                f"understands ({SCHEMA_VERSION}); upgrade sparsity-core to load it."
-            )
-        missing = {"config", "step", "layers", "masks", "ever_active"} - set(state)
-        if missing:
-            raise CheckpointError(
-                f"checkpoint is missing keys {sorted(missing)}; it is truncated or not ours."
-            )
-
     @classmethod
     def from_state_dict(
         cls,
@@ -377,60 +357,26 @@ class DSTScheduler:
 
         Use this to resume: it never zeroes weights that the saved masks keep.
         """
-        cls._check_schema(state)
+        check_schema(state)
         config = DSTConfig.from_dict(state["config"])
         scheduler = cls(model, optimizer, config, registry=registry, _masks=state["masks"])
-        scheduler.load_state_dict(state)
+        try:
+            scheduler.load_state_dict(state)
+        except Exception:
+            scheduler.remove()  # leave no hook on the optimizer of a failed load
+            raise
         return scheduler
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore step, masks and history from :meth:`state_dict` (same config and layers)."""
-        self._check_schema(state)
-        mine = self.config.to_dict(self.registry)
-        if dict(state["config"]) != mine:
-            diff = sorted(
-                k for k in set(mine) | set(state["config"]) if mine.get(k) != state["config"].get(k)
-            )
-            raise CheckpointError(
-                f"checkpoint config differs from this scheduler's in {diff}; build the scheduler "
-                f"with DSTScheduler.from_state_dict(model, optimizer, state) to use its config."
-            )
-        saved_layers = dict(state["layers"])
-        if set(saved_layers) != set(self.layers):
-            raise CheckpointError(
-                f"checkpoint layers {sorted(saved_layers)} differ from this model's sparse layers "
-                f"{sorted(self.layers)}; load it into the same architecture."
-            )
-        for fqn, layer in self.layers.items():
-            saved = saved_layers[fqn]
-            if tuple(saved["shape"]) != layer.spec.shape or int(saved["budget"]) != layer.budget:
-                raise CheckpointError(
-                    f"layer {fqn!r}: checkpoint shape {tuple(saved['shape'])} / budget "
-                    f"{saved['budget']} differ from the model's {layer.spec.shape} / {layer.budget}"
-                )
-            for key in ("masks", "ever_active"):
-                tensor = state[key].get(fqn)
-                if tensor is None or tuple(tensor.shape) != layer.spec.shape:
-                    raise CheckpointError(
-                        f"checkpoint {key}[{fqn!r}] is missing or has the wrong shape."
-                    )
-            saved_mask = state["masks"][fqn].to(dtype=torch.bool)
-            expected = realized_budget(layer.structure, layer.spec, layer.budget, saved_mask)
-            if int(saved_mask.sum()) != expected or not layer.structure.satisfied(
-                saved_mask, layer.spec, layer.budget
-            ):
-                raise CheckpointError(
-                    f"checkpoint mask of {fqn!r} has {int(saved_mask.sum())} active weights "
-                    f"(expected {expected}) or breaks the structure {describe(layer.structure)}; "
-                    f"the file is corrupt or was written for another structure."
-                )
+        check_schema(state)
+        check_config(self.config.to_dict(self.registry), state["config"])
+        check_layers(self.layers, state)
         for fqn, layer in self.layers.items():
             layer.set_mask(state["masks"][fqn])
             layer.ever_active.copy_(state["ever_active"][fqn])
             if layer.grad_momentum is not None:
-                saved = state.get("grad_momentum", {}).get(fqn)
-                if saved is not None:
-                    layer.grad_momentum.copy_(saved)
+                layer.grad_momentum.copy_(state["grad_momentum"][fqn])
         self._step = int(state["step"])
         self.history = [UpdateRecord(**record) for record in state.get("history", [])]
         self._apply_masks(reset_optimizer=False)

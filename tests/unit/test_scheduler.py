@@ -194,3 +194,38 @@ class TestAblationCheckpoint:
         check_checkpoint_resume(
             config, build, steps=24, resume_at=12, optimizer_factory=adam, data=data
         )
+
+
+class TestCheckpointValidation:
+    def _scheduler(self, grow="momentum"):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        config = sc.preset("rigl", grow=grow, delta_t=2)
+        return model, opt, sc.DSTScheduler(model, opt, config, total_steps=20)
+
+    def test_missing_gradient_momentum_is_an_error_not_a_silent_reset(self):
+        """A momentum-growth checkpoint without its gradient momentum is refused, naming it."""
+        _, _, sched = self._scheduler()
+        state = sched.state_dict()
+        del state["grad_momentum"]
+        fresh = _mlp()
+        optimizer = torch.optim.SGD(fresh.parameters(), 0.1)
+        with pytest.raises(sc.CheckpointError, match=r"grad_momentum\['0'\] is missing"):
+            sc.DSTScheduler.from_state_dict(fresh, optimizer, state)
+        assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+
+    def test_newer_schema_is_refused(self):
+        """A state dict from a newer schema asks for an upgrade."""
+        _, _, sched = self._scheduler("gradient")
+        state = {**sched.state_dict(), "schema_version": 99}
+        with pytest.raises(sc.CheckpointError, match="newer than this sparsity-core"):
+            sched.load_state_dict(state)
+
+    def test_mask_breaking_the_budget_is_refused(self):
+        """A mask with one weight too many is reported as corrupt."""
+        _, _, sched = self._scheduler("gradient")
+        state = sched.state_dict()
+        mask = state["masks"]["0"]
+        mask.view(-1)[torch.nonzero(~mask.view(-1))[0]] = True
+        with pytest.raises(sc.CheckpointError, match="checkpoint mask of '0'"):
+            sched.load_state_dict(state)

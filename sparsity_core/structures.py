@@ -125,6 +125,19 @@ class GroupedStructure:
         """``(groups, group_size)``; ``weight.reshape(groups, group_size)`` is the grouped view."""
         raise NotImplementedError
 
+    def to_groups(self, tensor: torch.Tensor, spec: LayerSpec, fill: Any) -> torch.Tensor:
+        """The ``[groups, group_size]`` view of a weight-shaped tensor (a subclass may pad,
+        filling the padding with ``fill``)."""
+        return tensor.reshape(self.group_shape(spec))
+
+    def from_groups(self, grouped: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+        """Inverse of :meth:`to_groups` (padding dropped)."""
+        return grouped.reshape(spec.shape)
+
+    def group_sizes(self, spec: LayerSpec, device: torch.device) -> torch.Tensor | None:
+        """Real positions per group when some groups are padded (None: every group is full)."""
+        return None
+
     def group_counts(
         self,
         spec: LayerSpec,
@@ -159,15 +172,18 @@ class GroupedStructure:
         self, scores: torch.Tensor, mask: torch.Tensor, fraction: float, spec: LayerSpec
     ) -> torch.Tensor:
         groups, size = self.group_shape(spec)
-        m2 = mask.reshape(groups, size)
+        m2 = self.to_groups(mask, spec, False)
+        s2 = self.to_groups(scores, spec, 0)
         active = count(mask)
         n_drop = math.floor(fraction * active)
         if groups == 1:
             # Never drop more than can be regrown from positions inactive before the update.
-            kept = grouped_keep(scores.reshape(1, size), m2, min(n_drop, size - active))
+            kept = grouped_keep(s2, m2, min(n_drop, size - active))
         else:
-            kept = grouped_keep(scores.reshape(groups, size), m2, n_drop, size - row_counts(m2))
-        return kept.reshape(mask.shape)
+            real = self.group_sizes(spec, mask.device)
+            free = (size if real is None else real) - row_counts(m2)
+            kept = grouped_keep(s2, m2, n_drop, free)
+        return self.from_groups(kept, spec)
 
     def fill(
         self,
@@ -180,15 +196,14 @@ class GroupedStructure:
         previous: torch.Tensor | None = None,
         active_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        groups, size = self.group_shape(spec)
         counts = self.group_counts(spec, budget, base.device, active_rows)
         filled = grouped_fill(
-            scores.reshape(groups, size),
-            base.reshape(groups, size),
-            candidates.reshape(groups, size),
+            self.to_groups(scores, spec, 0),
+            self.to_groups(base, spec, False),
+            self.to_groups(candidates, spec, False),
             counts,
         )
-        return filled.reshape(base.shape)
+        return self.from_groups(filled, spec)
 
     def satisfied(
         self,
@@ -199,6 +214,5 @@ class GroupedStructure:
     ) -> bool:
         if mask.dtype != torch.bool or tuple(mask.shape) != spec.shape:
             return False
-        groups, size = self.group_shape(spec)
         counts = self.group_counts(spec, budget, mask.device, active_rows)
-        return bool(torch.equal(row_counts(mask.reshape(groups, size)), counts))
+        return bool(torch.equal(row_counts(self.to_groups(mask, spec, False)), counts))

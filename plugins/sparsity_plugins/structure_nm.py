@@ -28,12 +28,18 @@ class NM(GroupedStructure):
     A layer kept dense by the distribution (density 1) holds all M of every group. Under neuron
     ablation an ablated neuron's groups hold nothing, and its budget is not redistributed: N
     per group is fixed, so the layer keeps ``N * fan_in / M`` weights per active neuron.
+
+    ``pad=True`` accepts a fan-in that M does not divide: each row is zero-padded to a multiple
+    of M (the padding is never active), and the last, partial group of a row holds
+    ``min(N, real positions)``. The layer's density is then slightly off N/M, and the
+    distribution pins it at exactly that value.
     """
 
     row_grouped = True
 
     n: int = attrs.field(default=2, validator=_positive_int)
     m: int = attrs.field(default=4, validator=_positive_int)
+    pad: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     @m.validator
     def _n_le_m(self, attribute, value) -> None:
@@ -41,40 +47,84 @@ class NM(GroupedStructure):
             raise ConfigError(f"nm n={self.n} > m={value}: N:M keeps N of every M, so N <= M.")
 
     def describe(self) -> str:
-        return f"nm {self.n}:{self.m}"
+        return f"nm {self.n}:{self.m}" + (" padded" if self.pad else "")
 
     @property
     def density(self) -> float:
         return self.n / self.m
 
     def validate(self, spec: LayerSpec) -> None:
-        if spec.fan_in % self.m:
+        if spec.fan_in % self.m and not self.pad:
             raise LayerError(
                 f"layer {spec.fqn!r} has fan-in {spec.fan_in}, not divisible by M={self.m}, so "
                 f"it cannot be split into {self.n}:{self.m} groups; exclude it "
-                f"(exclude=[{spec.fqn!r}]) or choose an M that divides {spec.fan_in}."
+                f"(exclude=[{spec.fqn!r}]), choose an M that divides {spec.fan_in}, or opt into "
+                f"zero-padding the fan-in with {{'kind': 'nm', 'n': {self.n}, 'm': {self.m}, "
+                f"'pad': True}}."
             )
 
+    # -- grouping (rows padded to a multiple of M when needed) ----------------------------------
+
+    def _groups_per_row(self, spec: LayerSpec) -> int:
+        return -(-spec.fan_in // self.m)
+
+    def _padding(self, spec: LayerSpec) -> int:
+        return self._groups_per_row(spec) * self.m - spec.fan_in
+
     def group_shape(self, spec: LayerSpec) -> tuple[int, int]:
-        return spec.numel // self.m, self.m
+        return spec.fan_out * self._groups_per_row(spec), self.m
+
+    def to_groups(self, tensor: torch.Tensor, spec: LayerSpec, fill) -> torch.Tensor:
+        padding = self._padding(spec)
+        rows = tensor.reshape(spec.fan_out, spec.fan_in)
+        if padding:
+            filler = torch.full(
+                (spec.fan_out, padding), fill, dtype=tensor.dtype, device=tensor.device
+            )
+            rows = torch.cat([rows, filler], dim=1)
+        return rows.reshape(self.group_shape(spec))
+
+    def from_groups(self, grouped: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+        rows = grouped.reshape(spec.fan_out, -1)[:, : spec.fan_in]
+        return rows.reshape(spec.shape)
+
+    def _row_pattern(self, spec: LayerSpec, *, dense: bool, device=None) -> torch.Tensor:
+        """Active positions per group along one row (the last group may be partial)."""
+        per_row = self._groups_per_row(spec)
+        tail = spec.fan_in - (per_row - 1) * self.m
+        full = self.m if dense else self.n
+        pattern = torch.full((per_row,), full, dtype=torch.long, device=device)
+        pattern[-1] = tail if dense else min(self.n, tail)
+        return pattern
+
+    def group_sizes(self, spec: LayerSpec, device: torch.device) -> torch.Tensor | None:
+        if not self._padding(spec):
+            return None
+        return self._row_pattern(spec, dense=True, device=device).repeat(spec.fan_out)
+
+    # -- budgets --------------------------------------------------------------------------------
+
+    def _sparse_budget(self, spec: LayerSpec) -> int:
+        return int(self._row_pattern(spec, dense=False).sum()) * spec.fan_out
+
+    def fixed_density(self, spec: LayerSpec) -> float:
+        return self._sparse_budget(spec) / spec.numel
 
     def budget(self, spec: LayerSpec, density: float) -> int:
         if density == 1.0:
             return spec.numel
-        if abs(density - self.density) > 1e-9:
+        fixed = self.fixed_density(spec)
+        if abs(density - fixed) > 1e-9:
             raise LayerError(
-                f"structure nm {self.n}:{self.m} fixes layer density at {self.density:g}, but "
-                f"layer {spec.fqn!r} was given density {density:.6g} by the distribution; use "
-                f"distribution='uniform' with density={self.density:g} (layers listed in "
-                f"`dense` stay dense)."
+                f"structure nm {self.n}:{self.m} fixes layer {spec.fqn!r}'s density at "
+                f"{fixed:.6g}, but the distribution gave it {density:.6g}; use "
+                f"distribution='uniform' with density={fixed:.6g} (layers listed in `dense` "
+                f"stay dense)."
             )
-        return spec.numel // self.m * self.n
+        return self._sparse_budget(spec)
 
     def min_active_rows(self, spec: LayerSpec, budget: int) -> int:
         return max(1, math.ceil(budget / spec.fan_in))
-
-    def fixed_density(self, spec: LayerSpec) -> float:
-        return self.density
 
     def group_counts(
         self,
@@ -83,12 +133,11 @@ class NM(GroupedStructure):
         device: torch.device,
         active_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        groups = spec.numel // self.m
-        per_group = self.m if budget == spec.numel else self.n
-        counts = torch.full((groups,), per_group, dtype=torch.long, device=device)
+        pattern = self._row_pattern(spec, dense=budget == spec.numel, device=device)
+        counts = pattern.repeat(spec.fan_out)
         if active_rows is not None:
             # Groups never span neurons: row r owns groups [r * g, (r + 1) * g).
-            counts *= active_rows.to(device).long().repeat_interleave(spec.fan_in // self.m)
+            counts *= active_rows.to(device).long().repeat_interleave(len(pattern))
         return counts
 
 

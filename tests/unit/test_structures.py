@@ -882,3 +882,87 @@ class TestTheChecksCanFail:
         s = NoMinimumAblation(NeuronAblation(min_active_fraction=1.0), ConstantFanIn())
         with pytest.raises(AssertionError, match="fewer than"):
             apply_update(s, spec, mask, budget, weight.abs(), grad.abs(), 0.5)
+
+
+def _padded_group_counts(mask: torch.Tensor, m: int) -> list[list[int]]:
+    """Active positions per group of M along each row, the last group possibly partial."""
+    rows = mask.reshape(mask.shape[0], -1)
+    return [[int(row[i : i + m].sum()) for i in range(0, row.numel(), m)] for row in rows]
+
+
+class TestNMPadding:
+    """N:M with pad=True on fan-ins that M does not divide."""
+
+    @given(
+        fan_in=st.integers(min_value=5, max_value=23).filter(lambda f: f % 4),
+        fan_out=st.integers(min_value=1, max_value=6),
+        n=st.integers(min_value=1, max_value=3),
+        seed=sst.seeds(),
+    )
+    def test_every_full_group_holds_n_and_the_partial_group_min_n_real(
+        self, fan_in, fan_out, n, seed
+    ):
+        """Initial and updated masks hold N per full group and min(N, tail) in the last one."""
+        structure = NM(n=n, m=4, pad=True)
+        spec = LayerSpec("fc", (fan_out, fan_in), "Linear")
+        structure.validate(spec)
+        budget = structure.budget(spec, structure.fixed_density(spec))
+        tail = fan_in % 4
+        expected = [n] * (fan_in // 4) + [min(n, tail)]
+        gen = torch.Generator().manual_seed(seed)
+        empty = torch.zeros(spec.shape, dtype=torch.bool)
+        mask = structure.fill(torch.rand(spec.shape, generator=gen), empty, ~empty, budget, spec)
+        for _ in range(3):
+            assert _padded_group_counts(mask, 4) == [expected] * fan_out
+            assert int(mask.sum()) == budget and structure.satisfied(mask, spec, budget)
+            keep = structure.keep(torch.rand(spec.shape, generator=gen), mask, 0.5, spec)
+            new = structure.fill(
+                torch.rand(spec.shape, generator=gen), keep, ~mask, budget, spec, previous=mask
+            )
+            assert not bool((keep & ~mask).any())  # the drop only removes active weights
+            assert not bool((new & ~keep & mask).any())  # nothing dropped is regrown
+            mask = new
+
+    def test_training_run_keeps_padded_groups_and_budgets(self):
+        """A Linear (fan-in 10) and a Conv2d (fan-in 9) under padded 2:4 train with every check."""
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = nn.Conv2d(1, 6, 3)
+                self.fc = nn.Linear(10, 12)
+                self.head = nn.Linear(12, 3)
+
+            def forward(self, x):
+                h = torch.relu(self.conv(x)).mean(dim=(2, 3))
+                return self.head(torch.relu(self.fc(torch.cat([h, h[:, :4]], dim=1))))
+
+        def build():
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                return Net()
+
+        gen = torch.Generator().manual_seed(0)
+        data = [(torch.randn(8, 1, 5, 5, generator=gen), torch.randn(8, 3, generator=gen))] * 3
+        config = sparsity_core.preset(
+            "rigl",
+            density=0.55,
+            delta_t=2,
+            rules=[LayerRule("head", structures=["unstructured"])],
+            structures=[{"kind": "nm", "n": 2, "m": 4, "pad": True}],
+        )
+        scheduler = check_method_run(
+            config,
+            build,
+            steps=12,
+            optimizer_factory=lambda p: torch.optim.Adam(p, 1e-2),
+            data=data,
+        )
+        assert scheduler.history
+        assert _padded_group_counts(scheduler.masks["conv"], 4) == [[2, 2, 1]] * 6
+        assert _padded_group_counts(scheduler.masks["fc"], 4) == [[2, 2, 2]] * 12
+
+    def test_unpadded_error_names_the_padding_option(self):
+        """Without pad=True a fan-in not divisible by M is refused with the opt-in spelled out."""
+        with pytest.raises(LayerError, match=r"'pad': True"):
+            NM(n=2, m=4).validate(LayerSpec("fc", (3, 10), "Linear"))

@@ -71,55 +71,48 @@ def scaled_densities(
     )
 
 
-def _er_raw(spec: LayerSpec) -> float:
-    n_in = spec.shape[1] if len(spec.shape) > 1 else 1
-    return (spec.fan_out + n_in) / (spec.fan_out * n_in)
+@attrs.frozen
+class _Scaled:
+    """Density proportional to ``raw(layer)`` (the shared shape of all three)."""
 
+    dense: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
 
-def _erk_raw(spec: LayerSpec) -> float:
-    return sum(spec.shape) / spec.numel
+    def raw(self, spec: LayerSpec) -> float:
+        raise NotImplementedError
+
+    def densities(
+        self, layers: Sequence[LayerSpec], density: float, fixed: Mapping[str, float] | None = None
+    ) -> Mapping[str, float]:
+        return scaled_densities(self, layers, density, self.raw, self.dense, fixed)
 
 
 @attrs.frozen
-class Uniform:
+class Uniform(_Scaled):
     """The same density in every sparse layer (layers in ``dense`` excepted)."""
 
-    dense: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
-
-    def densities(
-        self, layers: Sequence[LayerSpec], density: float, fixed: Mapping[str, float] | None = None
-    ) -> Mapping[str, float]:
-        return scaled_densities(self, layers, density, lambda spec: 1.0, self.dense, fixed)
+    def raw(self, spec: LayerSpec) -> float:
+        return 1.0
 
 
 @attrs.frozen
-class ErdosRenyi:
+class ErdosRenyi(_Scaled):
     """Density proportional to ``(n_in + n_out) / (n_in * n_out)`` (SET); channels only."""
 
-    dense: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
     power: float = attrs.field(default=1.0, converter=float, validator=positive)
 
-    def densities(
-        self, layers: Sequence[LayerSpec], density: float, fixed: Mapping[str, float] | None = None
-    ) -> Mapping[str, float]:
-        return scaled_densities(
-            self, layers, density, lambda s: _er_raw(s) ** self.power, self.dense, fixed
-        )
+    def raw(self, spec: LayerSpec) -> float:
+        n_in = spec.shape[1] if len(spec.shape) > 1 else 1
+        return ((spec.fan_out + n_in) / (spec.fan_out * n_in)) ** self.power
 
 
 @attrs.frozen
-class ErdosRenyiKernel:
+class ErdosRenyiKernel(_Scaled):
     """Density proportional to ``sum(shape) / prod(shape)``, kernel sizes included (RigL's ERK)."""
 
-    dense: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
     power: float = attrs.field(default=1.0, converter=float, validator=positive)
 
-    def densities(
-        self, layers: Sequence[LayerSpec], density: float, fixed: Mapping[str, float] | None = None
-    ) -> Mapping[str, float]:
-        return scaled_densities(
-            self, layers, density, lambda s: _erk_raw(s) ** self.power, self.dense, fixed
-        )
+    def raw(self, spec: LayerSpec) -> float:
+        return (sum(spec.shape) / spec.numel) ** self.power
 
 
 @hookimpl

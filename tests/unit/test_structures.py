@@ -389,12 +389,29 @@ class TestNeuronAblation:
         spec, mask, budget, weight, grad = _dead_row_case(fan_out, 16, k, seed)
         s = compose_structures((NeuronAblation(), ConstantFanIn()))
         keep = s.keep(weight.abs(), mask, 0.5, spec)
+        # Ablation needs every survivor refillable to the larger fan-in from its previously
+        # inactive inputs (the documented rule); the infeasible case has its own test below.
+        capacity = _rows(keep).sum(dim=1)[1:] + (spec.fan_in - k)
+        assume(bool((capacity >= budget // (fan_out - 1)).all()))
         new = s.fill(grad.abs(), keep, ~mask, budget, spec, previous=mask)
         assert not bool(new[0].any()), "the dead neuron 0 was not ablated"
         assert_structure_holds(s, spec, new, budget)
         n_active = int(active_rows_of(new).sum())
         assert bool(_rows(new).sum(dim=1)[1:].max() == budget // n_active)
         assert budget // n_active > k or budget % n_active
+
+    def test_no_ablation_when_survivors_could_not_be_refilled(self):
+        """At k = fan_in / 2 with a survivor that lost all k inputs, k' = budget // (n - 1) would
+        exceed what it can regrow without undoing its own drop, so nobody is ablated."""
+        spec, mask, budget, _, grad = _dead_row_case(9, 16, 8, 0)
+        s = compose_structures((NeuronAblation(), ConstantFanIn()))
+        keep = mask.clone()
+        keep[0] = False  # the dead neuron lost everything
+        keep[1] = False  # and so did a healthy one: it can regrow only its 8 inactive inputs
+        new = s.fill(grad.abs(), keep, ~mask, budget, spec, previous=mask)
+        assert bool(active_rows_of(new).all())
+        assert_structure_holds(s, spec, new, budget)
+        assert not bool((new & ~keep & mask).any())  # nothing dropped was regrown
 
     def test_nm_ablation_keeps_the_documented_floor_of_active_neurons(self):
         """At least ceil(budget / fan_in) neurons stay active (structure_ablation's docstring),

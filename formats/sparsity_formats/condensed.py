@@ -1,0 +1,136 @@
+"""The ``condensed`` format (SRigL): constant fan-in rows as ``[active neurons, k]`` tensors.
+
+Built from the mask: every output neuron with an active weight must hold the same ``k``
+active inputs; a neuron with none is ablated, holds nothing, and outputs exactly the bias (or
+0). Column indices use the narrowest integer dtype holding ``in_features - 1``. Convolution
+weights are stored as their ``[out, -1]`` view (see :mod:`sparsity_formats._common`).
+
+``linear`` gathers only the active neurons' inputs (``index_select`` at batch 1, a padded
+``embedding_bag`` for larger batches) and scatters them into the output; on CPU, float16 and
+bfloat16 are computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from sparsity_core import hookimpl
+from sparsity_core.errors import LayerError
+from sparsity_core.layers import LayerSpec
+
+from ._common import (
+    PackedShape,
+    as_matrix,
+    compute_dtype,
+    fine_structure,
+    finish_output,
+    flatten_input,
+    gather_matmul,
+    index_dtype,
+    reject,
+)
+
+__all__ = ["Condensed", "CondensedWeight"]
+
+
+@attrs.define(eq=False)
+class CondensedWeight(PackedShape):
+    """Values and column indices ``[active, k]``, the active rows, and the weight's shape."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    active_rows: torch.Tensor
+    shape: tuple[int, ...]
+
+    @property
+    def fan_in(self) -> int:
+        return self.values.shape[1]
+
+
+@attrs.frozen
+class Condensed:
+    """Constant fan-in storage; supports constant_fan_in and nm, under neuron_ablation or not."""
+
+    def supports(self, structures: Sequence[Any]) -> bool:
+        from sparsity_plugins.structure_fan_in import ConstantFanIn
+        from sparsity_plugins.structure_nm import NM
+
+        return isinstance(fine_structure(structures), ConstantFanIn | NM)
+
+    def check_supports(self, structures: Sequence[Any], spec: LayerSpec | None = None) -> None:
+        """Raise a LayerError (ConfigError without ``spec``) unless ``structures`` fit."""
+        if not self.supports(structures):
+            reject(
+                "condensed",
+                structures,
+                spec,
+                "every active output neuron to keep the same number of inputs (constant_fan_in "
+                "or nm, optionally under neuron_ablation)",
+                "Store this layer as 'csr' or 'dense_masked', or train it with "
+                "structures=('neuron_ablation', 'constant_fan_in').",
+            )
+
+    def pack(self, weight: torch.Tensor, mask: torch.Tensor) -> CondensedWeight:
+        w2, m2 = as_matrix("condensed", weight, mask)
+        counts = m2.sum(dim=1)
+        rows = counts.nonzero().squeeze(1)
+        fan_ins = counts[rows].unique()
+        if fan_ins.numel() > 1:
+            raise LayerError(
+                f"condensed.pack: the mask is not constant fan-in: its active output neurons "
+                f"hold between {int(fan_ins[0])} and {int(fan_ins[-1])} active inputs, but every "
+                f"one must hold the same k (all-off neurons count as ablated). Use a "
+                f"constant_fan_in or nm structure for this layer, or store it as 'csr'."
+            )
+        k = int(fan_ins[0]) if fan_ins.numel() else 0
+        cols = m2[rows].nonzero()[:, 1].reshape(rows.numel(), k)
+        values = w2[rows].gather(1, cols)
+        indices = cols.to(index_dtype(w2.shape[1]))
+        return CondensedWeight(values, indices, rows, tuple(weight.shape))
+
+    def _scatter(self, packed: CondensedWeight, fill: torch.Tensor) -> torch.Tensor:
+        dense = fill.new_zeros(packed.out_features, packed.in_features)
+        rows = packed.active_rows.unsqueeze(1).expand_as(packed.indices)
+        dense.index_put_((rows, packed.indices.long()), fill)
+        return dense.reshape(packed.shape)
+
+    def unpack(self, packed: CondensedWeight) -> torch.Tensor:
+        return self._scatter(packed, packed.values)
+
+    def mask(self, packed: CondensedWeight) -> torch.Tensor:
+        """The positions held (the mask ``pack`` was given)."""
+        return self._scatter(packed, torch.ones_like(packed.values, dtype=torch.bool))
+
+    def linear(
+        self, packed: CondensedWeight, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x2d, lead = flatten_input("condensed", x, packed.in_features, packed.values.dtype)
+        dtype = compute_dtype(packed.values)
+        # embedding_bag and index_select take int32 indices, not the stored uint8/int16.
+        rows_out = gather_matmul(x2d.to(dtype), packed.indices.int(), packed.values.to(dtype))
+        every = packed.active_rows.numel() == packed.out_features
+        return finish_output(
+            rows_out,
+            None if every else packed.active_rows,
+            packed.out_features,
+            bias,
+            lead,
+            x.dtype,
+        )
+
+    def nbytes(self, packed: CondensedWeight) -> int:
+        held = (packed.values, packed.indices, packed.active_rows)
+        return sum(t.nelement() * t.element_size() for t in held)
+
+
+@hookimpl
+def sparsity_register_formats(register) -> None:
+    register(
+        "condensed",
+        Condensed,
+        summary="constant fan-in [active neurons, k] values + narrow column indices (SRigL)",
+    )

@@ -21,6 +21,7 @@ from .errors import (
     UnknownComponentError,
     UpdateError,
 )
+from .exporting import ExportResult, PackedLinear, export
 from .hookspecs import hookimpl, hookspec
 from .layers import LayerSpec
 from .protocols import (
@@ -52,12 +53,14 @@ __all__ = [
     "Distribution",
     "DropSchedule",
     "DuplicateComponentError",
+    "ExportResult",
     "GrowthCriterion",
     "LayerError",
     "LayerSpec",
     "LayerSummary",
     "NoBuiltinsError",
     "OptimizerError",
+    "PackedLinear",
     "PluginLoadError",
     "PruneCriterion",
     "Registry",
@@ -69,6 +72,7 @@ __all__ = [
     "UpdateError",
     "UpdateRecord",
     "__version__",
+    "export",
     "get_plugin_manager",
     "get_registry",
     "hookimpl",

@@ -188,6 +188,65 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_arg(text: str) -> Any:
+    """``name`` or ``name:key=value,key=value`` (e.g. ``nm:n=2,m=4``)."""
+    name, _, params = text.partition(":")
+    if not params:
+        return name
+    spec: dict[str, Any] = {"kind": name}
+    for item in params.split(","):
+        key, _, value = item.partition("=")
+        spec[key] = int(value) if value.lstrip("-").isdigit() else value
+    return spec
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .errors import CheckpointError
+    from .exporting import export
+    from .scheduler import DSTScheduler
+    from .train import build_mlp
+
+    path = Path(args.checkpoint)
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict) or "arch" not in state or "model" not in state:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of `sparsity-core train` (no 'arch'/'model'); write "
+            f"one with `sparsity-core train --checkpoint-dir DIR --checkpoint-every N`."
+        )
+    if state.get("sparsity") is None:
+        raise CheckpointError(
+            f"{path} is a checkpoint of the dense baseline: it has no masks to export."
+        )
+    arch = state["arch"]
+    model = build_mlp(arch["num_features"], arch["hidden"], arch["num_classes"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = DSTScheduler.from_state_dict(model, optimizer, state["sparsity"])
+    model.load_state_dict(state["model"])
+    scheduler.remove()
+    rules = []
+    for rule in args.rule or []:
+        pattern, _, fmt = rule.partition("=")
+        rules.append((pattern, _format_arg(fmt)))
+    result = export(model, scheduler, format=_format_arg(args.format), rules=rules)
+    print(result.format_report())
+    out = Path(args.out) if args.out else path.with_name(path.stem + f".{args.format}.pt")
+    torch.save(
+        {
+            "arch": arch,
+            "method": state.get("method"),
+            "format": args.format,
+            "rules": args.rule or [],
+            "model": result.model.state_dict(),
+        },
+        out,
+    )
+    print(f"\nwrote {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -227,6 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
     t.add_argument("--resume", action="store_true", help="continue runs from their checkpoints")
     t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser(
+        "export",
+        help="pack a `train` checkpoint's sparse layers for inference; print the bytes saved",
+    )
+    e.add_argument("checkpoint", help="a checkpoint written by `sparsity-core train`")
+    e.add_argument(
+        "--format",
+        default="condensed",
+        help="storage format: dense_masked, csr, condensed, nm (or nm:n=2,m=4)",
+    )
+    e.add_argument(
+        "--rule", action="append", metavar="PATTERN=FORMAT", help="per-layer format, first match"
+    )
+    e.add_argument("--out", help="where to write the exported state dict")
+    e.set_defaults(func=cmd_export)
     return parser
 
 

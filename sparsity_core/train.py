@@ -201,6 +201,11 @@ def train_run(
                 _atomic_save(
                     {
                         "method": method,
+                        "arch": {
+                            "num_features": data.num_features,
+                            "hidden": list(recipe.hidden),
+                            "num_classes": data.num_classes,
+                        },
                         "step": step,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),

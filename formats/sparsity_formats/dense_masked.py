@@ -28,6 +28,9 @@ class DenseMasked:
     def supports(self, structures: Sequence[Any]) -> bool:
         return True
 
+    def check_supports(self, structures: Sequence[Any], spec: Any = None) -> None:
+        """Every structure can be stored dense with its mask: never raises."""
+
     def pack(self, weight: torch.Tensor, mask: torch.Tensor) -> DenseMaskedWeight:
         if mask.dtype != torch.bool or mask.shape != weight.shape:
             raise ConfigError(

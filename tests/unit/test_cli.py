@@ -115,6 +115,67 @@ class TestTrainCommand:
         assert "--sparsity=1.2" in capsys.readouterr().err
 
 
+class TestExportCommand:
+    def test_exports_a_trained_srigl_checkpoint_and_reports_bytes(self, tmp_path, capsys):
+        """`export CHECKPOINT --format condensed` prints bytes per layer and writes a file."""
+        argv = [
+            "train",
+            *TINY,
+            "--method",
+            "srigl",
+            "--no-dense",
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--checkpoint-every",
+            "10",
+        ]
+        assert main(argv) == 0
+        ckpt = tmp_path / "srigl-seed0.pt"
+        capsys.readouterr()
+        assert main(["export", str(ckpt), "--format", "condensed"]) == 0
+        out = capsys.readouterr().out
+        assert "condensed" in out and "total" in out and "saved B" in out
+        exported = torch.load(tmp_path / "srigl-seed0.condensed.pt", weights_only=True)
+        assert exported["format"] == "condensed"
+        assert any(key.endswith("values") for key in exported["model"])
+
+    def test_dense_checkpoint_is_refused(self, tmp_path, capsys):
+        """The dense baseline's checkpoint has no masks: a clear error, exit code 2."""
+        argv = [
+            "train",
+            *TINY,
+            "--method",
+            "rigl",
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--checkpoint-every",
+            "10",
+        ]
+        assert main(argv) == 0
+        capsys.readouterr()
+        assert main(["export", str(tmp_path / "dense-seed0.pt")]) == 2
+        assert "no masks to export" in capsys.readouterr().err
+
+    def test_unsupported_format_names_the_layer(self, tmp_path, capsys):
+        """condensed on an unstructured RigL checkpoint fails before writing anything."""
+        argv = [
+            "train",
+            *TINY,
+            "--method",
+            "rigl",
+            "--no-dense",
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--checkpoint-every",
+            "10",
+        ]
+        assert main(argv) == 0
+        capsys.readouterr()
+        assert main(["export", str(tmp_path / "rigl-seed0.pt"), "--format", "condensed"]) == 2
+        assert "condensed" in capsys.readouterr().err
+        assert not (tmp_path / "rigl-seed0.condensed.pt").exists()
+
+
 class TestCheckpointResume:
     def test_resumed_run_ends_identically(self, tmp_path):
         """Resuming from a mid-run checkpoint ends with the uninterrupted run's exact results."""

@@ -71,7 +71,16 @@ BANDWIDTH_BYTES = 256 * 2**20  # size of the buffer copied to measure the memory
 
 DENSE = ("F.linear", "numpy")
 CSRS = ("csr", "sparse.mm", "scipy")
-IMPLS = ("F.linear", "numpy", "dense_masked", "csr", "sparse.mm", "scipy", "condensed")
+IMPLS = (
+    "F.linear",
+    "numpy",
+    "dense_masked",
+    "csr",
+    "sparse.mm",
+    "scipy",
+    "condensed_torch",
+    "condensed",
+)
 NM_IMPLS = (*IMPLS, "nm")
 
 # Tolerances of the correctness check against F.linear(x, W * mask, b) (float32 sums).
@@ -157,6 +166,7 @@ def make_impls(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     from sparsity_formats.nm import NMFormat
 
     dm, csr, cond, nm = DenseMasked(), CSR(), Condensed(), NMFormat(2, 4)
+    cond_torch = Condensed(native=False)
 
     def numpy_call(w: np.ndarray, x: np.ndarray, b: np.ndarray) -> np.ndarray:
         out = x @ w.T
@@ -197,6 +207,11 @@ def make_impls(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
             "call": scipy_call,
             "nbytes": scipy_bytes,
             "numpy": True,
+        },
+        "condensed_torch": {
+            "build": cond_torch.pack,
+            "call": cond_torch.linear,
+            "nbytes": cond_torch.nbytes,
         },
         "condensed": {"build": cond.pack, "call": cond.linear, "nbytes": cond.nbytes},
         "nm": {"build": nm.pack, "call": nm.linear, "nbytes": nm.nbytes},
@@ -501,6 +516,39 @@ def run_profile(args: argparse.Namespace) -> None:
 # the parent: children, table, targets, JSON
 
 
+def native_build_report() -> dict[str, Any]:
+    """Build the compiled condensed kernel from scratch (in a temporary cache) and time it.
+
+    Then load it from the default cache, as the timed children will, so they never build.
+    """
+    import tempfile
+
+    code = (
+        "import json; from sparsity_formats import _native; "
+        "print(json.dumps(_native.native_status()))"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": cache}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+    clean = json.loads(out.stdout.strip().splitlines()[-1])
+    cached = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    if not clean["available"]:
+        line = f"NOT BUILT ({clean['error']}); 'cond' is the pure-PyTorch fallback"
+    else:
+        line = (
+            f"compiled C++ ({clean['capability']}, {' '.join(clean['flags'])}): clean build "
+            f"{clean['seconds']:.1f} s, load from cache {cached['seconds']:.2f} s; 'cond.pt' is "
+            f"the pure-PyTorch fallback"
+        )
+    return {"clean": clean, "cached": cached, "line": line}
+
+
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -539,6 +587,7 @@ SHORT = {
     "csr": "csr",
     "sparse.mm": "sp.mm",
     "scipy": "scipy",
+    "condensed_torch": "cond.pt",
     "condensed": "cond",
     "nm": "nm",
 }
@@ -847,6 +896,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    native = native_build_report()
+    print(f"[bench_formats] condensed kernel: {native['line']}", file=sys.stderr, flush=True)
     t_start = time.perf_counter()
     loadavg_before = [round(v, 2) for v in os.getloadavg()]
     bandwidth: dict[int, dict[str, Any]] = {}
@@ -915,6 +966,7 @@ def main(argv: list[str] | None = None) -> int:
         + f", in {ROUNDS} interleaved rounds after warm-up; cold cycles > "
         f"{COLD_BYTES // 2**20} MiB of weight copies",
     ]
+    lines.append(f"condensed kernel: {native['line']}")
     for threads, bw in sorted(bandwidth.items()):
         lines.append(
             f"bandwidth, {threads} thread(s): {bw['copy_bytes_per_s'] / 1e9:.2f} GB/s "
@@ -974,6 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": loadavg_before,
         "loadavg_after": loadavg_after,
         "elapsed_s": elapsed,
+        "native": native,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):

@@ -5,9 +5,13 @@ active inputs; a neuron with none is ablated, holds nothing, and outputs exactly
 0). Column indices use the narrowest integer dtype holding ``in_features - 1``. Convolution
 weights are stored as their ``[out, -1]`` view (see :mod:`sparsity_formats._common`).
 
-``linear`` gathers only the active neurons' inputs (``index_select`` at batch 1, a padded
-``embedding_bag`` for larger batches) and scatters them into the output; on CPU, float16 and
-bfloat16 are computed in float32 and cast back.
+``linear`` computes only the active neurons. On CPU it uses the compiled kernel of
+:mod:`sparsity_formats._native` (one fused operator: gathered dot products at batch 1, register
+tiles over the transposed input for larger batches, bias and ablated rows written directly,
+the narrow indices read as stored) for float32, bfloat16 and float16; elsewhere, or when the
+kernel cannot be built, a pure-PyTorch path gathers the inputs (``index_select`` at batch 1, a
+padded ``embedding_bag`` for larger batches) and scatters the active rows into the output. On
+CPU, float16 and bfloat16 are computed in float32 and cast back.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from sparsity_core import hookimpl
 from sparsity_core.errors import LayerError
 from sparsity_core.layers import LayerSpec
 
+from . import _native
 from ._common import (
     PackedShape,
     as_matrix,
@@ -35,6 +40,19 @@ from ._common import (
 )
 
 __all__ = ["Condensed", "CondensedWeight"]
+
+# The dtypes the compiled CPU kernel reads directly (it accumulates in float32).
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_EMPTY_ROWS = torch.empty(0, dtype=torch.long)
+_EMPTY_BIAS = torch.empty(0)
+
+
+def _native_ok(x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> bool:
+    """Whether the compiled kernel applies: CPU, a dtype it reads, and no autograd needed."""
+    if x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES:
+        return False
+    tensors = (x, packed.values) if bias is None else (x, packed.values, bias)
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 @attrs.define(eq=False)
@@ -53,7 +71,13 @@ class CondensedWeight(PackedShape):
 
 @attrs.frozen
 class Condensed:
-    """Constant fan-in storage; supports constant_fan_in and nm, under neuron_ablation or not."""
+    """Constant fan-in storage; supports constant_fan_in and nm, under neuron_ablation or not.
+
+    ``native=False`` always uses the pure-PyTorch kernels (the compiled CPU kernel is used
+    otherwise, where it applies and could be built).
+    """
+
+    native: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
     def supports(self, structures: Sequence[Any]) -> bool:
         from sparsity_plugins.structure_fan_in import ConstantFanIn
@@ -109,6 +133,17 @@ class Condensed:
         self, packed: CondensedWeight, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         x2d, lead = flatten_input("condensed", x, packed.in_features, packed.values.dtype)
+        if self.native and _native_ok(x, packed, bias) and (op := _native.condensed_linear()):
+            every = packed.active_rows.numel() == packed.out_features
+            out = op(
+                x2d,
+                packed.values,
+                packed.indices,
+                _EMPTY_ROWS if every else packed.active_rows,
+                _EMPTY_BIAS if bias is None else bias,
+                packed.out_features,
+            )
+            return out.to(x.dtype).reshape(*lead, packed.out_features)
         dtype = compute_dtype(packed.values)
         # embedding_bag and index_select take int32 indices, not the stored uint8/int16.
         rows_out = gather_matmul(x2d.to(dtype), packed.indices.int(), packed.values.to(dtype))

@@ -1,0 +1,123 @@
+"""The compiled CPU kernels of the packed formats: built on first use, cached, optional.
+
+``condensed_linear()`` returns the compiled operator ``torch.ops.sparsity_formats.condensed_linear``
+or ``None``. The first call in a process compiles ``csrc/condensed_cpu.cpp`` as a torch C++
+extension (gcc/g++ and ninja from the system, torch's own headers; about 20 s on two cores) into
+torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``);
+later processes load the cached library in well under a second. The build is keyed by the
+source, the flags and the CPU's vector capability, so a change to any of them rebuilds.
+
+When the build fails (no compiler, no ninja, a non-x86 CPU without the flags, ...) the formats
+fall back to their pure-PyTorch kernels, which give the same results, and one
+:class:`NativeKernelWarning` says why. ``SPARSITY_CORE_NATIVE=0`` skips the compiled kernels.
+
+``python -m sparsity_formats._native`` builds (or loads) the kernels and prints the build time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["NativeKernelWarning", "condensed_linear", "native_status"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "condensed_cpu.cpp"
+_DISABLE_ENV = "SPARSITY_CORE_NATIVE"
+_lock = threading.Lock()
+_state: dict[str, Any] = {"tried": False, "op": None, "error": None, "seconds": None}
+
+
+class NativeKernelWarning(RuntimeWarning):
+    """The compiled kernels could not be built; the pure-PyTorch kernels are used instead."""
+
+
+def _flags() -> tuple[str, list[str]]:
+    """The capability tag and compiler flags for this CPU."""
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    flags = ["-O3", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64") and capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    else:
+        capability = "generic"
+    return capability.lower(), flags
+
+
+def _disabled() -> bool:
+    return os.environ.get(_DISABLE_ENV, "1").strip().lower() in ("0", "off", "false", "no")
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load
+
+    capability, flags = _flags()
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
+    name = f"sparsity_formats_{capability}_{digest}"
+    start = time.perf_counter()
+    load(
+        name=name,
+        sources=[str(_SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    _state["seconds"] = time.perf_counter() - start
+    _state["op"] = torch.ops.sparsity_formats.condensed_linear
+
+
+def _ensure() -> None:
+    if _state["tried"]:
+        return
+    with _lock:
+        if _state["tried"]:
+            return
+        try:
+            _build()
+        except Exception as exc:  # any build or load failure: fall back, say why once
+            _state["error"] = f"{type(exc).__name__}: {str(exc).strip()[-600:]}"
+            warnings.warn(
+                "sparsity_formats: the compiled CPU kernels could not be built, so the formats "
+                f"use their pure-PyTorch kernels (same results, slower). Reason: "
+                f"{_state['error']}. Install gcc/g++ and ninja to build them, or set "
+                f"{_DISABLE_ENV}=0 to skip the attempt.",
+                NativeKernelWarning,
+                stacklevel=3,
+            )
+        finally:
+            _state["tried"] = True
+
+
+def condensed_linear() -> Any | None:
+    """The compiled condensed operator, or ``None`` (disabled, or it could not be built)."""
+    if _disabled():
+        return None
+    _ensure()
+    return _state["op"]
+
+
+def native_status() -> dict[str, Any]:
+    """Whether the kernels are available, the build/load time, and the error if any."""
+    op = condensed_linear()
+    capability, flags = _flags()
+    return {
+        "available": op is not None,
+        "disabled": _disabled(),
+        "seconds": _state["seconds"],
+        "capability": capability,
+        "flags": flags,
+        "error": _state["error"],
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(native_status(), indent=2))

@@ -1,0 +1,138 @@
+"""The compiled CPU kernel of the condensed format: built where a compiler is, right, optional."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sparsity_formats import _native
+from sparsity_formats.condensed import Condensed
+
+HAS_TOOLCHAIN = all(shutil.which(tool) for tool in ("c++", "ninja"))
+
+
+def _layer(out_features: int, in_features: int, k: int, ablated: int, seed: int = 0):
+    """A constant fan-in weight and mask with ``ablated`` all-off rows."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(out_features, in_features, dtype=torch.bool)
+    for row in range(ablated, out_features):
+        mask[row, torch.randperm(in_features, generator=g)[:k]] = True
+    weight = torch.randn(out_features, in_features, generator=g)
+    weight[mask & (torch.rand(mask.shape, generator=g) < 0.1)] = 0.0  # live zeros
+    return weight, mask[torch.randperm(out_features, generator=g)]
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """Forget any earlier build attempt for the duration of a test."""
+    monkeypatch.setattr(
+        _native, "_state", {"tried": False, "op": None, "error": None, "seconds": None}
+    )
+
+
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
+def test_builds_where_a_toolchain_is():
+    status = _native.native_status()
+    assert status["available"], status["error"]
+    assert status["seconds"] is not None and status["seconds"] >= 0
+
+
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
+@pytest.mark.parametrize("in_features", [200, 3000, 40000])  # uint8, int16, int32 indices
+@pytest.mark.parametrize("batch", [1, 2, 7, 65, 300])
+@pytest.mark.parametrize("ablated", [0, 5])
+def test_native_matches_torch_path_and_dense(in_features, batch, ablated):
+    weight, mask = _layer(24, in_features, k=37, ablated=ablated)
+    bias = torch.randn(24)
+    x = torch.randn(batch, in_features)
+    fmt, ref = Condensed(), Condensed(native=False)
+    packed = fmt.pack(weight, mask)
+    with torch.no_grad():
+        got = fmt.linear(packed, x, bias)
+        want = ref.linear(packed, x, bias)
+    dense = F.linear(x, weight * mask, bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+    dead = ~mask.any(dim=1)
+    assert torch.equal(got[:, dead], bias[dead].expand(batch, -1))
+
+
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 9])
+def test_native_half_types(dtype, batch):
+    weight, mask = _layer(16, 300, k=30, ablated=3)
+    weight, x = weight.to(dtype), torch.randn(batch, 300).to(dtype)
+    packed = Condensed().pack(weight, mask)
+    with torch.no_grad():
+        got = Condensed().linear(packed, x)
+    assert got.dtype == dtype
+    want = F.linear(x.float(), weight.float() * mask)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_native_used_only_without_autograd(monkeypatch):
+    """The compiled op has no backward: inputs that need gradients take the PyTorch path."""
+    calls = []
+    real = _native.condensed_linear()
+    if real is None:
+        pytest.skip("compiled kernel unavailable")
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(_native, "condensed_linear", lambda: spy)
+    weight, mask = _layer(8, 20, k=5, ablated=2)
+    fmt = Condensed()
+    packed = fmt.pack(weight, mask)
+    with torch.inference_mode():
+        fmt.linear(packed, torch.randn(3, 20))
+    assert len(calls) == 1
+    x = torch.randn(3, 20, requires_grad=True)
+    fmt.linear(packed, x).sum().backward()
+    assert len(calls) == 1 and x.grad is not None
+    Condensed(native=False).linear(packed, torch.randn(3, 20))
+    assert len(calls) == 1
+
+
+def test_disabled_by_environment(monkeypatch, fresh_state):
+    monkeypatch.setenv("SPARSITY_CORE_NATIVE", "0")
+    assert _native.condensed_linear() is None
+    assert _native.native_status()["disabled"]
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch, fresh_state):
+    def broken_build():
+        raise OSError("no compiler here")
+
+    monkeypatch.setattr(_native, "_build", broken_build)
+    weight, mask = _layer(10, 40, k=6, ablated=2)
+    fmt = Condensed()
+    packed = fmt.pack(weight, mask)
+    x = torch.randn(4, 40)
+    with pytest.warns(_native.NativeKernelWarning, match="no compiler here"):
+        first = fmt.linear(packed, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning, no second attempt
+        second = fmt.linear(packed, x)
+    torch.testing.assert_close(first, F.linear(x, weight * mask), rtol=1e-5, atol=1e-5)
+    assert torch.equal(first, second)
+    assert "no compiler here" in _native.native_status()["error"]
+
+
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
+def test_kernel_rejects_inconsistent_arguments():
+    op = _native.condensed_linear()
+    values = torch.randn(3, 2)
+    cols = torch.zeros(3, 2, dtype=torch.int16)
+    x = torch.randn(1, 4)
+    with pytest.raises(RuntimeError, match="outside"):
+        op(x, values, cols, torch.tensor([0, 1, 9]), torch.empty(0), 5)
+    with pytest.raises(RuntimeError, match="bias has 2 elements"):
+        op(x, values, cols, torch.tensor([0, 1, 2]), torch.randn(2), 5)
+    with pytest.raises(RuntimeError, match="rows must list"):
+        op(x, values, cols, torch.tensor([0, 1]), torch.empty(0), 5)

@@ -1,25 +1,109 @@
-"""Checkpoint validation for :class:`~sparsity_core.scheduler.DSTScheduler` state dicts.
+"""Checkpoint files and validation of :class:`~sparsity_core.scheduler.DSTScheduler` state dicts.
 
 A state dict holds only plain types and tensors (it loads with ``torch.load(weights_only=True)``)
 and names every component by its registry name, so loading never runs code from the file.
+:func:`save_checkpoint` writes atomically (temporary file, then rename), so a process killed
+mid-write leaves the previous checkpoint intact; :func:`load_checkpoint` turns every way a file
+can be unreadable into a :class:`CheckpointError` naming the file and the problem.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import DSTConfig
 from .engine import LayerState
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, UnknownComponentError
 from .selection import count
 from .structures import describe, realized_budget
 
-__all__ = ["SCHEMA_VERSION", "check_layers", "check_schema"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "check_layers",
+    "check_layout",
+    "check_schema",
+    "load_checkpoint",
+    "save_checkpoint",
+    "saved_config",
+]
 
 SCHEMA_VERSION = 1
 _REQUIRED = {"config", "step", "layers", "masks", "ever_active"}
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` with ``torch.save`` to ``path`` atomically; returns the path.
+
+    The data goes to a temporary file in the same folder, is flushed to disk, then renamed over
+    ``path`` (``os.replace`` is atomic), so a reader never sees a partly written checkpoint.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu"
+) -> Any:
+    """``torch.load(path, weights_only=True)`` with a clear :class:`CheckpointError` on failure.
+
+    Only tensors and plain containers are unpickled: a file that asks for anything else (code,
+    custom classes) is refused rather than executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist (or is not a file); check the path, or "
+            f"start without resuming."
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds objects other than tensors and plain containers, "
+            f"which torch.load(weights_only=True) refuses to unpickle ({_refusal(exc)}). "
+            f"sparsity-core checkpoints never need them; only load files you trust with "
+            f"weights_only=False, and never from unknown sources."
+        ) from exc
+    except Exception as exc:  # zip, EOF, or unpickling errors of a damaged file
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} ({path.stat().st_size} bytes) is truncated or corrupt "
+            f"and cannot be read ({_describe(exc)}). Restore it from a "
+            f"copy, or delete it to start over."
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].split(". ")[0] if lines else ""
+
+
+def _describe(exc: BaseException) -> str:
+    first = _first_line(exc)
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _refusal(exc: BaseException) -> str:
+    """The line of torch's weights-only error that names what was refused."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    named = [line for line in lines if "WeightsUnpickler error" in line]
+    return named[0] if named else _describe(exc)
 
 
 def check_schema(state: Any) -> None:
@@ -42,6 +126,18 @@ def check_schema(state: Any) -> None:
         )
 
 
+def saved_config(state: Mapping[str, Any]) -> DSTConfig:
+    """The :class:`DSTConfig` of a state dict (schema checked first); names missing plugins."""
+    check_schema(state)
+    try:
+        return DSTConfig.from_dict(state["config"])
+    except (UnknownComponentError, ConfigError) as exc:
+        raise CheckpointError(
+            f"the checkpoint's config cannot be rebuilt here: {exc} (The checkpoint names its "
+            f"components by plugin name; install the plugins of the run that wrote it.)"
+        ) from exc
+
+
 def check_config(mine: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
     """The saved config must equal the scheduler's (both as ``DSTConfig.to_dict()``)."""
     if dict(saved) != dict(mine):
@@ -52,22 +148,51 @@ def check_config(mine: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
         )
 
 
+def check_layout(shapes: Mapping[str, tuple[int, ...]], state: Mapping[str, Any]) -> None:
+    """The checkpoint's sparse layers and mask shapes are exactly the model's (``shapes``).
+
+    Runs before a scheduler is built from ``state``, so a mismatch is reported by name instead
+    of failing somewhere inside the construction.
+    """
+    saved_layers = state["layers"]
+    if not isinstance(saved_layers, Mapping):
+        raise CheckpointError("checkpoint 'layers' is not a mapping; the file is corrupt.")
+    only_saved = sorted(set(saved_layers) - set(shapes))
+    only_model = sorted(set(shapes) - set(saved_layers))
+    if only_saved or only_model:
+        raise CheckpointError(
+            f"checkpoint sparse layers differ from this model's: in the checkpoint only "
+            f"{only_saved}, in the model only {only_model}. Load it into the architecture (and "
+            f"the layer selection) that wrote it."
+        )
+    for fqn, shape in shapes.items():
+        saved_shape = tuple(saved_layers[fqn].get("shape", ()))
+        if saved_shape != tuple(shape):
+            raise CheckpointError(
+                f"layer {fqn!r}: the checkpoint's weight has shape {saved_shape}, the model's "
+                f"{tuple(shape)}; load it into the architecture that wrote it."
+            )
+        mask = state["masks"].get(fqn) if isinstance(state["masks"], Mapping) else None
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
+            raise CheckpointError(
+                f"checkpoint masks[{fqn!r}] is missing or not shaped {tuple(shape)}; the file "
+                f"is truncated or corrupt."
+            )
+
+
 def check_layers(layers: Mapping[str, LayerState], state: Mapping[str, Any]) -> None:
     """Every saved layer matches the model's: names, shapes, budgets, masks and structure."""
-    saved_layers = dict(state["layers"])
-    if set(saved_layers) != set(layers):
-        raise CheckpointError(
-            f"checkpoint layers {sorted(saved_layers)} differ from this model's sparse layers "
-            f"{sorted(layers)}; load it into the same architecture."
-        )
+    check_layout({fqn: layer.spec.shape for fqn, layer in layers.items()}, state)
+    saved_layers = state["layers"]
     for fqn, layer in layers.items():
         saved = saved_layers[fqn]
-        if tuple(saved["shape"]) != layer.spec.shape or int(saved["budget"]) != layer.budget:
+        if int(saved["budget"]) != layer.budget:
             raise CheckpointError(
-                f"layer {fqn!r}: checkpoint shape {tuple(saved['shape'])} / budget "
-                f"{saved['budget']} differ from the model's {layer.spec.shape} / {layer.budget}"
+                f"layer {fqn!r}: the checkpoint's budget of {saved['budget']} active weights "
+                f"differs from this scheduler's {layer.budget}; the density, distribution or "
+                f"structure differs from the run that wrote it."
             )
-        keys = ["masks", "ever_active"]
+        keys = ["ever_active"]
         if layer.grad_momentum is not None:
             keys.append("grad_momentum")
         for key in keys:

@@ -6,6 +6,7 @@ __all__ = [
     "CapabilityError",
     "CheckpointError",
     "ConfigError",
+    "DistributedError",
     "DuplicateComponentError",
     "LayerError",
     "NoBuiltinsError",
@@ -62,3 +63,7 @@ class UpdateError(SparsityError, RuntimeError):
 
 class CheckpointError(SparsityError, ValueError):
     """A checkpoint cannot be loaded into this scheduler."""
+
+
+class DistributedError(SparsityError, RuntimeError):
+    """Ranks of a distributed run disagree (e.g. their masks diverged)."""

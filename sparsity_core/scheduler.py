@@ -10,8 +10,16 @@ import attrs
 import torch
 from torch import nn
 
-from .checkpoint import SCHEMA_VERSION, check_config, check_layers, check_schema
+from .checkpoint import (
+    SCHEMA_VERSION,
+    check_config,
+    check_layers,
+    check_layout,
+    check_schema,
+    saved_config,
+)
 from .config import DSTConfig
+from .distributed import require_process_group, unwrap_model, verify_masks_agree
 from .engine import (
     LayerState,
     MaskChange,
@@ -63,6 +71,14 @@ class DSTScheduler:
         total_steps: optimizer steps in the run (checks ``t_end``, and sets it to 75% of the
             run when ``config.t_end`` is None).
         registry: the component registry (default: the process-wide one).
+        verify_ranks: in a ``torch.distributed`` run, check after construction and after every
+            topology update that all ranks hold identical masks (one 8-byte digest per layer is
+            all-gathered) and raise :class:`~sparsity_core.errors.DistributedError` naming the
+            layers that diverged. Needs an initialised process group.
+        process_group: the group ``verify_ranks`` compares (default: the world).
+
+    Under ``DistributedDataParallel`` pass the wrapped or the inner model: wrappers are
+    unwrapped, so layer names, generators and checkpoints match a single-process run.
     """
 
     def __init__(
@@ -73,7 +89,9 @@ class DSTScheduler:
         *,
         total_steps: int | None = None,
         registry: Registry | None = None,
-        _masks: Mapping[str, torch.Tensor] | None = None,
+        verify_ranks: bool = False,
+        process_group: Any = None,
+        _resume: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(config, DSTConfig):
             raise ConfigError(f"DSTScheduler needs a DSTConfig, got {type(config).__name__}.")
@@ -81,6 +99,13 @@ class DSTScheduler:
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
         ):
             raise ConfigError(f"total_steps={total_steps!r} must be a positive integer.")
+        if not isinstance(verify_ranks, bool):
+            raise ConfigError(f"verify_ranks={verify_ranks!r} must be True or False.")
+        if verify_ranks:
+            require_process_group(process_group)
+        self.verify_ranks = verify_ranks
+        self.process_group = process_group
+        model = unwrap_model(model)
         self.config = attrs.evolve(config, t_end=config.resolved_t_end(total_steps))
         self.total_steps = total_steps
         self.registry = registry or get_registry()
@@ -113,14 +138,16 @@ class DSTScheduler:
         chosen = sparse
         check_optimizer_holds(optimizer, [(spec.fqn, module.weight) for spec, module in chosen])
         specs = [spec for spec, _ in chosen]
+        if _resume is not None:
+            check_layout({spec.fqn: spec.shape for spec in specs}, _resume)
         for spec in specs:
             structures[spec.fqn].validate(spec)
         budgets = self._budgets(specs, structures)
         self.layers: dict[str, LayerState] = {}
         for spec, module in chosen:
             device = module.weight.device
-            if _masks is not None:
-                mask = _masks[spec.fqn].to(device=device, dtype=torch.bool).clone()
+            if _resume is not None:
+                mask = _resume["masks"][spec.fqn].to(device=device, dtype=torch.bool).clone()
             else:
                 mask = plan_initial_mask(
                     spec, structures[spec.fqn], budgets[spec.fqn], self.config.seed, device
@@ -134,6 +161,11 @@ class DSTScheduler:
         self._step = 0
         self.history: list[UpdateRecord] = []
         self._captured_grads: dict[str, torch.Tensor] = {}
+        # Before touching the model: a checkpoint that does not fit, or ranks that start from
+        # different masks, fail here.
+        if _resume is not None:
+            check_layers(self.layers, _resume)
+        self._verify_ranks(int(_resume["step"]) if _resume is not None else 0)
         self._apply_masks(reset_optimizer=True)
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_optimizer_step),
@@ -165,7 +197,9 @@ class DSTScheduler:
             if not (0.0 < d <= 1.0) or math.isnan(d):
                 raise ConfigError(
                     f"distribution {type(self.config.distribution).__name__} gave layer "
-                    f"{spec.fqn!r} density {d!r}, outside (0, 1]."
+                    f"{spec.fqn!r} density {d!r}, outside (0, 1]; a distribution must return "
+                    f"densities in (0, 1] (1.0 keeps every weight: k = fan-in under "
+                    f"constant_fan_in, never more)."
                 )
             budget = int(structures[spec.fqn].budget(spec, d))
             if budget < 1:
@@ -242,8 +276,14 @@ class DSTScheduler:
         finally:
             self._captured_grads.clear()
         self.history.extend(records)
+        self._verify_ranks(step)
         self.registry.call_observers(scheduler=self, step=step, records=records)
         return records
+
+    def _verify_ranks(self, step: int, masks: Mapping[str, torch.Tensor] | None = None) -> None:
+        if self.verify_ranks:
+            masks = self.masks if masks is None else {fqn: masks[fqn] for fqn in self.layers}
+            verify_masks_agree(masks, step=step, group=self.process_group)
 
     def _inputs(self, fqn: str, layer: LayerState) -> dict[str, Any]:
         caps, inputs = self._caps, {}
@@ -352,14 +392,24 @@ class DSTScheduler:
         state: Mapping[str, Any],
         *,
         registry: Registry | None = None,
+        verify_ranks: bool = False,
+        process_group: Any = None,
     ) -> DSTScheduler:
         """Rebuild a scheduler from a checkpoint (config included), without a random initial mask.
 
-        Use this to resume: it never zeroes weights that the saved masks keep.
+        Use this to resume: it never zeroes weights that the saved masks keep. A config naming
+        a component that no installed plugin provides, a newer schema, or layers that differ
+        from ``model``'s raise :class:`~sparsity_core.errors.CheckpointError`.
         """
-        check_schema(state)
-        config = DSTConfig.from_dict(state["config"])
-        scheduler = cls(model, optimizer, config, registry=registry, _masks=state["masks"])
+        scheduler = cls(
+            model,
+            optimizer,
+            saved_config(state),
+            registry=registry,
+            verify_ranks=verify_ranks,
+            process_group=process_group,
+            _resume=state,
+        )
         try:
             scheduler.load_state_dict(state)
         except Exception:
@@ -372,6 +422,8 @@ class DSTScheduler:
         check_schema(state)
         check_config(self.config.to_dict(self.registry), state["config"])
         check_layers(self.layers, state)
+        # Before changing anything: ranks that loaded different checkpoints fail here.
+        self._verify_ranks(int(state["step"]), state["masks"])
         for fqn, layer in self.layers.items():
             layer.set_mask(state["masks"][fqn])
             layer.ever_active.copy_(state["ever_active"][fqn])

@@ -157,6 +157,44 @@ class TestSchedulerArguments:
         message = _scheduler_error(MLP(), {"density": 0.1}, ConfigError)
         assert "dict" in message
 
+    def test_verify_ranks_not_a_bool(self):
+        """verify_ranks takes True or False, not a process group or a string."""
+        model = MLP()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(ConfigError, match="verify_ranks='yes'"):
+            DSTScheduler(model, optimizer, DSTConfig(), total_steps=100, verify_ranks="yes")
+
+
+class OverfullDistribution:
+    """A distribution that hands layer 'fc2' a density above 1."""
+
+    def densities(self, layers, density, fixed=None):
+        return {spec.fqn: 1.5 if spec.fqn == "fc2" else density for spec in layers}
+
+
+class TestFanInBudget:
+    """Constant fan-in keeps k = round(density * fan_in) <= fan_in; anything more is refused."""
+
+    def test_k_larger_than_fan_in_is_refused(self):
+        """A density above 1 (k = 48 > fan-in 32) is a ConfigError naming the layer and value."""
+        config = DSTConfig(structures=("constant_fan_in",), distribution=OverfullDistribution())
+        message = _scheduler_error(MLP(), config, ConfigError)
+        assert "OverfullDistribution" in message
+        assert "'fc2' density 1.5" in message
+        assert "outside (0, 1]" in message
+
+    def test_too_few_active_neurons_for_the_budget_is_an_update_error(self):
+        """Spreading a budget over neurons that would each need k > fan-in names the layer."""
+        structure = sparsity_core.get_registry().create("structure", "constant_fan_in")
+        spec = sparsity_core.LayerSpec("fc2", (8, 4))
+        active = torch.tensor([True, True] + [False] * 6)
+        with pytest.raises(UpdateError) as info:
+            structure.group_counts(spec, 16, torch.device("cpu"), active)
+        message = str(info.value)
+        assert "'fc2'" in message
+        assert "2 active neurons cannot hold 16 weights" in message
+        assert "fan-in at most 4" in message
+
 
 class TestLayerSelection:
     """Selections and budgets that cannot work fail at construction, naming the layer."""
@@ -253,6 +291,112 @@ class WrongShapeGrowth:
         return torch.rand(ctx.weight.shape, generator=ctx.generator)
 
 
+class RaisingPrune:
+    """A prune criterion that fails on the first layer, before any layer was updated."""
+
+    def scores(self, ctx):
+        raise ValueError(f"cannot score {ctx.spec.fqn}")
+
+
+class ComplexGrowth:
+    """A growth criterion returning complex scores, which have no order."""
+
+    def scores(self, ctx):
+        return torch.zeros(ctx.weight.shape, dtype=torch.complex64)
+
+
+class ListGrowth:
+    """A growth criterion returning a Python list instead of a tensor."""
+
+    def scores(self, ctx):
+        return ctx.weight.tolist()
+
+
+NON_FINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+class NonFiniteGrowth:
+    """Growth scores that are NaN / +Inf / -Inf on every other candidate, finite elsewhere."""
+
+    def scores(self, ctx):
+        scores = torch.rand(ctx.weight.shape, generator=ctx.generator)
+        flat = scores.view(-1)
+        for i, value in enumerate(NON_FINITE):
+            flat[i::6] = value
+        return scores
+
+
+class NonFinitePrune:
+    """Magnitude scores, but NaN / +Inf / -Inf at the first few active weights of each layer."""
+
+    def scores(self, ctx):
+        scores = ctx.weight.abs().clone()
+        first = torch.nonzero(ctx.mask.view(-1)).flatten()[: len(NON_FINITE)]
+        scores.view(-1)[first] = torch.tensor(NON_FINITE)
+        return scores
+
+
+class AllNaN:
+    """Every score NaN: no order at all."""
+
+    def scores(self, ctx):
+        return torch.full(ctx.weight.shape, float("nan"))
+
+
+class TestNonFiniteScores:
+    """NaN and +/-Inf scores are the lowest priority and never change the budget."""
+
+    def _run(self, *, prune="magnitude", grow="random", steps=9):
+        model = MLP()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        config = sparsity_core.preset("set", density=0.2, delta_t=3, prune=prune, grow=grow)
+        scheduler = DSTScheduler(model, optimizer, config, total_steps=40)
+        gen = torch.Generator().manual_seed(0)
+        updates = []
+        for _ in range(steps):
+            before = {fqn: m.clone() for fqn, m in scheduler.masks.items()}
+            records = _train_step(model, optimizer, scheduler, gen)
+            if records:
+                updates.append((before, {fqn: m.clone() for fqn, m in scheduler.masks.items()}))
+            for layer in scheduler.layers.values():
+                assert int(layer.mask.sum()) == layer.budget
+        assert len(updates) == 3
+        return scheduler, updates
+
+    def test_non_finite_growth_scores_are_grown_last(self):
+        """No position with a NaN or infinite growth score is grown while finite ones remain."""
+        _, updates = self._run(grow=NonFiniteGrowth())
+        passed_over = 0
+        for before, after in updates:
+            for fqn, mask in after.items():
+                finite = (torch.arange(mask.numel()) % 6 >= len(NON_FINITE)).view(mask.shape)
+                grown = mask & ~before[fqn]
+                finite_left = int((~before[fqn] & finite & ~grown).sum())
+                non_finite_grown = int((grown & ~finite).sum())
+                assert int(grown.sum()) > 0
+                assert non_finite_grown == 0 or finite_left == 0, (fqn, non_finite_grown)
+                passed_over += int((~before[fqn] & ~finite & ~grown).sum()) > 0
+        assert passed_over  # some update really had non-finite candidates to pass over
+
+    def test_non_finite_prune_scores_are_dropped_first(self):
+        """Active weights with NaN or infinite prune scores are the first to be dropped."""
+        _, updates = self._run(prune=NonFinitePrune())
+        for before, after in updates:
+            for fqn, mask in after.items():
+                first = torch.nonzero(before[fqn].view(-1)).flatten()[: len(NON_FINITE)]
+                n_dropped = int((before[fqn] & ~mask).sum())
+                assert n_dropped > 0
+                still = int(mask.view(-1)[first].sum())
+                assert still == max(0, len(NON_FINITE) - n_dropped), (fqn, still, n_dropped)
+
+    def test_all_nan_scores_keep_every_budget(self):
+        """With no finite score at all the update still keeps each layer's exact budget."""
+        scheduler, updates = self._run(prune=AllNaN(), grow=AllNaN())
+        for _, after in updates:
+            for fqn, mask in after.items():
+                assert int(mask.sum()) == scheduler.layers[fqn].budget
+
+
 class TestUpdateFailures:
     """Failures during an update leave the model exactly as it was."""
 
@@ -286,8 +430,8 @@ class TestUpdateFailures:
                 assert record.active == scheduler.layers[record.fqn].budget
                 assert record.dropped == record.grown
 
-    def _assert_update_error_leaves_state(self, grow, expected):
-        model, optimizer, scheduler = self._setup(grow=grow)
+    def _assert_update_error_leaves_state(self, overrides, expected):
+        model, optimizer, scheduler = self._setup(**overrides)
         gen = torch.Generator().manual_seed(0)
         for _ in range(2):
             assert _train_step(model, optimizer, scheduler, gen) == []
@@ -317,11 +461,32 @@ class TestUpdateFailures:
     def test_raising_growth_criterion(self):
         """A criterion raising on one layer gives UpdateError naming it; no layer changes."""
         self._assert_update_error_leaves_state(
-            RaisingGrowth(), ["RaisingGrowth", "'head'", "RuntimeError", "boom from a broken"]
+            {"grow": RaisingGrowth()},
+            ["grow criterion RaisingGrowth", "'head'", "RuntimeError", "boom from a broken"],
+        )
+
+    def test_raising_prune_criterion(self):
+        """A prune criterion raising names itself and the layer; nothing changes."""
+        self._assert_update_error_leaves_state(
+            {"prune": RaisingPrune()},
+            ["prune criterion RaisingPrune", "'fc1'", "ValueError", "cannot score fc1"],
         )
 
     def test_wrong_shape_scores(self):
         """Scores of the wrong shape give UpdateError naming the shapes; nothing changes."""
         self._assert_update_error_leaves_state(
-            WrongShapeGrowth(), ["WrongShapeGrowth", "shape (32,)", "'fc2'", "shape (32, 32)"]
+            {"grow": WrongShapeGrowth()},
+            ["WrongShapeGrowth", "shape (32,)", "'fc2'", "shape (32, 32)"],
+        )
+
+    def test_wrong_dtype_scores(self):
+        """Complex scores (no order) give UpdateError naming the dtype; nothing changes."""
+        self._assert_update_error_leaves_state(
+            {"grow": ComplexGrowth()}, ["ComplexGrowth", "torch.complex64", "'fc1'", "real-valued"]
+        )
+
+    def test_scores_not_a_tensor(self):
+        """A list instead of a tensor gives UpdateError naming the type; nothing changes."""
+        self._assert_update_error_leaves_state(
+            {"grow": ListGrowth()}, ["ListGrowth", "returned list", "'fc1'"]
         )

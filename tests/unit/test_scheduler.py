@@ -229,3 +229,114 @@ class TestCheckpointValidation:
         mask.view(-1)[torch.nonzero(~mask.view(-1))[0]] = True
         with pytest.raises(sc.CheckpointError, match="checkpoint mask of '0'"):
             sched.load_state_dict(state)
+
+    def _resume_into(self, model, state):
+        """from_state_dict into ``model``; must fail, leaving no hook on the optimizer."""
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(sc.CheckpointError) as info:
+            sc.DSTScheduler.from_state_dict(model, optimizer, state)
+        assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+        return str(info.value)
+
+    @pytest.mark.parametrize(
+        ("field", "value", "kind"),
+        [
+            ("grow", {"kind": "my_growth"}, "growth 'my_growth'"),
+            ("structures", [{"kind": "my_structure"}], "structure 'my_structure'"),
+        ],
+    )
+    def test_missing_plugin_names_the_component(self, field, value, kind):
+        """A config naming a component no installed plugin provides says which and how to fix."""
+        _, _, sched = self._scheduler("gradient")
+        state = sched.state_dict()
+        state["config"][field] = value
+        message = self._resume_into(_mlp(), state)
+        assert f"unknown {kind}" in message
+        assert "install the plugins of the run that wrote it" in message
+
+    def test_newer_schema_is_refused_before_reading_the_config(self):
+        """A newer schema is reported even when its config uses components unknown here."""
+        _, _, sched = self._scheduler("gradient")
+        state = {**sched.state_dict(), "schema_version": 2}
+        state["config"]["grow"] = {"kind": "from_the_future"}
+        message = self._resume_into(_mlp(), state)
+        assert "schema version 2 is newer" in message and "(1)" in message
+
+    def test_layer_mismatch_names_the_layers(self):
+        """A model with another layer set names the layers found only on one side."""
+        _, _, sched = self._scheduler("gradient")
+        torch.manual_seed(0)
+        deeper = nn.Sequential(
+            nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 24),
+            nn.ReLU(), nn.Linear(24, 5),
+        )  # fmt: skip
+        message = self._resume_into(deeper, sched.state_dict())
+        assert "in the checkpoint only []" in message
+        assert "in the model only ['6']" in message
+
+    def test_shape_mismatch_names_the_layer_and_both_shapes(self):
+        """A wider model fails on the first differing layer, before any mask is built."""
+        _, _, sched = self._scheduler("gradient")
+        torch.manual_seed(0)
+        wider = nn.Sequential(
+            nn.Linear(12, 30), nn.ReLU(), nn.Linear(30, 24), nn.ReLU(), nn.Linear(24, 5)
+        )
+        before = {k: v.clone() for k, v in wider.state_dict().items()}
+        message = self._resume_into(wider, sched.state_dict())
+        assert "layer '0'" in message and "(24, 12)" in message and "(30, 12)" in message
+        assert all(torch.equal(v, before[k]) for k, v in wider.state_dict().items())
+
+    def test_shape_mismatch_in_load_state_dict(self):
+        """load_state_dict into a scheduler over another architecture names the layer too."""
+        _, _, sched = self._scheduler("gradient")
+        torch.manual_seed(0)
+        wider = nn.Sequential(
+            nn.Linear(12, 30), nn.ReLU(), nn.Linear(30, 24), nn.ReLU(), nn.Linear(24, 5)
+        )
+        opt = torch.optim.SGD(wider.parameters(), lr=0.1)
+        other = sc.DSTScheduler(wider, opt, sched.config, total_steps=20)
+        with pytest.raises(sc.CheckpointError, match=r"layer '0'.*\(24, 12\).*\(30, 12\)"):
+            other.load_state_dict(sched.state_dict())
+
+    @pytest.mark.parametrize("key", ["masks", "layers", "config"])
+    def test_truncated_state_dict_names_the_missing_key(self, key):
+        """A state dict that lost a required part is called truncated, naming the part."""
+        _, _, sched = self._scheduler("gradient")
+        state = sched.state_dict()
+        del state[key]
+        message = self._resume_into(_mlp(), state)
+        assert f"missing keys ['{key}']" in message and "truncated" in message
+
+    def test_corrupt_mask_leaves_the_model_untouched(self):
+        """A mask over its budget is refused by from_state_dict before any weight is zeroed."""
+        _, _, sched = self._scheduler("gradient")
+        state = sched.state_dict()
+        mask = state["masks"]["2"]
+        mask.view(-1)[torch.nonzero(~mask.view(-1))[0]] = True
+        model = _mlp()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        message = self._resume_into(model, state)
+        assert "checkpoint mask of '2'" in message
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+    def test_missing_mask_of_one_layer(self):
+        """A state dict whose masks lack one layer names that layer."""
+        _, _, sched = self._scheduler("gradient")
+        state = sched.state_dict()
+        del state["masks"]["2"]
+        message = self._resume_into(_mlp(), state)
+        assert "masks['2'] is missing" in message
+
+
+class TestDistributedWrappers:
+    def test_ddp_style_wrappers_are_unwrapped(self):
+        """A model inside nn.DataParallel gets the same layer names and masks as the bare one."""
+        bare, wrapped = _mlp(), nn.DataParallel(_mlp())
+        config = sc.preset("rigl", delta_t=2)
+        masks = [
+            sc.DSTScheduler(m, torch.optim.SGD(m.parameters()), config, total_steps=20).masks
+            for m in (bare, wrapped)
+        ]
+        assert list(masks[0]) == list(masks[1]) == ["0", "2", "4"]
+        for fqn in masks[0]:
+            assert torch.equal(masks[0][fqn], masks[1][fqn])

@@ -13,13 +13,16 @@ from typing import Any
 import attrs
 import torch
 
+from .data import DATASETS
 from .errors import SparsityError
+from .models import MODELS
 from .registry import (
     ComponentType,
     Registry,
     components_by_plugin,
     create_plugin_manager,
 )
+from .tables import format_table, mean_std
 
 __all__ = ["main"]
 
@@ -59,20 +62,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _mean_std(values: Sequence[float]) -> str:
-    if len(values) == 1:
-        return f"{100 * values[0]:.2f}"
-    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .progress import ProgressBar
@@ -90,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         delta_t=args.delta_t,
         sparsity=args.sparsity,
         distribution=args.distribution,
+        model=args.model,
     )
     # Fail on a bad method name before any training starts.
     from .config import preset
@@ -102,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     steps = recipe.epochs * recipe.steps_per_epoch(len(data.y_train))
     print(
         f"sparsity-core train: {data.name} ({len(data.y_train)} train / {len(data.y_test)} test, "
-        f"{data.num_features} features), MLP {data.num_features}-"
+        f"{data.num_features} features), {recipe.model.upper()} {data.num_features}-"
         f"{'-'.join(map(str, recipe.hidden))}-{data.num_classes}, {recipe.epochs} epochs "
         f"({steps} steps), sparsity {recipe.sparsity:.0%}, ΔT={recipe.delta_t}, "
         f"{recipe.distribution}, seeds {seeds}",
@@ -136,14 +126,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows.append(
             [
                 method,
-                _mean_std([r.test_accuracy for r in runs]),
+                mean_std([r.test_accuracy for r in runs]),
                 f"{1 - statistics.mean(r.density for r in runs):.4f}",
                 f"{statistics.mean(itops):.3f}" if itops else "-",
                 f"{statistics.mean(r.seconds for r in runs):.1f}",
             ]
         )
     print()
-    print(_table(["method", "test acc %", "sparsity", "ITOP", "time s"], rows))
+    print(format_table(["method", "test acc %", "sparsity", "ITOP", "time s"], rows))
     print()
     layer_rows = []
     for method in methods:
@@ -176,16 +166,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         "holds",
         "ITOP",
     ]
-    print(_table(headers, layer_rows))
+    print(format_table(headers, layer_rows))
     if args.json:
         payload = {
             "dataset": data.name,
             "recipe": attrs.asdict(recipe),
-            "runs": [attrs.asdict(r) for r in results],
+            "runs": [r.to_dict() for r in results],
         }
         Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from .bench.main import run
+
+    return run(args)
 
 
 def _format_arg(text: str) -> Any:
@@ -203,8 +199,8 @@ def _format_arg(text: str) -> Any:
 def cmd_export(args: argparse.Namespace) -> int:
     from .errors import CheckpointError
     from .exporting import export
+    from .models import build_model
     from .scheduler import DSTScheduler
-    from .train import build_mlp
 
     path = Path(args.checkpoint)
     try:
@@ -221,7 +217,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{path} is a checkpoint of the dense baseline: it has no masks to export."
         )
     arch = state["arch"]
-    model = build_mlp(arch["num_features"], arch["hidden"], arch["num_classes"])
+    model = build_model(
+        arch.get("model", "mlp"), arch["num_features"], arch["num_classes"], arch["hidden"]
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = DSTScheduler.from_state_dict(model, optimizer, state["sparsity"])
     model.load_state_dict(state["model"])
@@ -272,7 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sparsity", type=float, default=0.9, help="fraction of weights removed")
     t.add_argument("--seed", type=int, default=0, help="first seed")
     t.add_argument("--seeds", type=int, default=1, help="number of seeds per method")
-    t.add_argument("--dataset", default="digits", choices=["digits", "mnist1d"])
+    t.add_argument("--dataset", default="digits", choices=list(DATASETS))
+    t.add_argument(
+        "--model",
+        default="mlp",
+        choices=list(MODELS),
+        help="mlp, or cnn1d (a small 1-D CNN; --hidden gives its channels, e.g. 32,64,64)",
+    )
     t.add_argument("--epochs", type=int, default=100)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=0.05)
@@ -302,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--out", help="where to write the exported state dict")
     e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="benchmarks (train: the DST training benchmark)")
+    bench_sub = b.add_subparsers(dest="bench", required=True)
+    bt = bench_sub.add_parser(
+        "train",
+        help="train every method over datasets, sparsities and seeds (resumable); write a "
+        "table, the checks of the published claims, JSON and PNG plots",
+    )
+    from .bench.main import add_arguments
+
+    add_arguments(bt, default_out="train_bench_results")
+    bt.set_defaults(func=cmd_bench_train)
     return parser
 
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import random
+from pathlib import Path
+
 import attrs
 import numpy as np
 import torch
 
 from .errors import ConfigError
 
-__all__ = ["DATASETS", "Dataset", "load_dataset"]
+__all__ = ["DATASETS", "MNIST1D_SIZES", "Dataset", "cache_dir", "load_dataset"]
 
-DATASETS = ("digits", "mnist1d")
+# name -> samples generated (80% train, 20% test, the package's own split).
+MNIST1D_SIZES = {"mnist1d": 5000, "mnist1d_large": 20000}
+MNIST1D_SEED = 42  # the package's default: 5000 samples with it give the standard 4000/1000
+DATASETS = ("digits", *MNIST1D_SIZES)
 
 
 @attrs.frozen(eq=False)
@@ -61,9 +68,57 @@ def _to_dataset(name, x_train, y_train, x_test, y_test) -> Dataset:
     )
 
 
+def cache_dir() -> Path:
+    """Where generated data is cached: ``$SPARSITY_CORE_CACHE``, else the user cache folder."""
+    env = os.environ.get("SPARSITY_CORE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sparsity-core"
+
+
+def _mnist1d_arrays(num_samples: int) -> tuple[np.ndarray, ...]:
+    """MNIST-1D with ``num_samples`` samples from the package's generator (default arguments,
+    seed 42), cached as ``.npz``; nothing is downloaded."""
+    path = cache_dir() / f"mnist1d-n{num_samples}-seed{MNIST1D_SEED}.npz"
+    keys = ("x", "y", "x_test", "y_test")
+    if path.exists():
+        with np.load(path) as saved:
+            return tuple(saved[k] for k in keys)
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:
+        raise ConfigError(
+            "dataset 'mnist1d' needs the mnist1d package (it generates the data locally, "
+            "once; the arrays are then cached in " + str(cache_dir()) + "); install it with "
+            "`pip install -c constraints.txt -e '.[bench]'` or `pip install mnist1d`."
+        ) from exc
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = MNIST1D_SEED
+    # make_dataset seeds the global numpy and random generators: leave them as they were.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    arrays = tuple(np.asarray(data[k]) for k in keys)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
+    np.savez_compressed(tmp, **dict(zip(keys, arrays, strict=True)))
+    os.replace(tmp, path)
+    return arrays
+
+
 def load_dataset(name: str) -> Dataset:
-    """Load ``digits`` (scikit-learn's bundled 8x8 digits, 80/20 stratified split) or
-    ``mnist1d`` (generated locally by the ``mnist1d`` package, its standard 4000/1000 split)."""
+    """Load a dataset by name; nothing is downloaded.
+
+    ``digits``: scikit-learn's bundled 8x8 digits, 80/20 stratified split. ``mnist1d``: MNIST-1D
+    generated locally by the ``mnist1d`` package with its default arguments (5000 samples, seed
+    42: the standard 4000/1000 split). ``mnist1d_large``: the same generator with 20000 samples
+    (16000/4000). Generated arrays are cached under :func:`cache_dir`.
+    """
     if name == "digits":
         try:
             from sklearn.datasets import load_digits
@@ -75,14 +130,7 @@ def load_dataset(name: str) -> Dataset:
             ) from exc
         digits = load_digits()
         return _to_dataset(name, *_split(digits.data, digits.target, 0.2, seed=0))
-    if name == "mnist1d":
-        try:
-            from mnist1d.data import get_dataset_args, make_dataset
-        except ImportError as exc:
-            raise ConfigError(
-                "dataset 'mnist1d' needs the mnist1d package (it generates the data locally); "
-                "install it with `pip install mnist1d`."
-            ) from exc
-        data = make_dataset(get_dataset_args())
-        return _to_dataset(name, data["x"], data["y"], data["x_test"], data["y_test"])
+    if name in MNIST1D_SIZES:
+        x, y, x_test, y_test = _mnist1d_arrays(MNIST1D_SIZES[name])
+        return _to_dataset(name, x, y, x_test, y_test)
     raise ConfigError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}.")

@@ -17,11 +17,23 @@ from torch import nn
 from .config import DSTConfig, preset
 from .data import Dataset
 from .errors import CheckpointError, ConfigError
+from .layers import LayerSpec, select_layers
+from .models import MODELS, build_mlp, build_model
 from .progress import ProgressBar
 from .scheduler import DSTScheduler
-from .structures import COARSE, level_of
+from .structures import COARSE, compose_structures, level_of
+from .telemetry import UpdateRecord, itop_rate
 
-__all__ = ["DENSE", "Recipe", "RunResult", "build_mlp", "evaluate", "train_run"]
+__all__ = [
+    "DENSE",
+    "Recipe",
+    "RunResult",
+    "build_mlp",
+    "evaluate",
+    "itop_curve",
+    "method_config",
+    "train_run",
+]
 
 DENSE = "dense"
 
@@ -39,6 +51,9 @@ class Recipe:
     delta_t: int = attrs.field(default=50)
     sparsity: float = attrs.field(default=0.9)
     distribution: str = attrs.field(default="erk")
+    model: str = attrs.field(default="mlp")
+    drop_fraction: float | None = attrs.field(default=None)
+    gamma_sal: float | None = attrs.field(default=None)
 
     @epochs.validator
     @batch_size.validator
@@ -53,6 +68,27 @@ class Recipe:
             raise ConfigError(
                 f"--sparsity={value} must lie in [0, 1): it is the fraction of weights removed "
                 f"(0.9 keeps 10%)."
+            )
+
+    @model.validator
+    def _model(self, attribute: attrs.Attribute, value: str) -> None:
+        if value not in MODELS:
+            raise ConfigError(f"--model={value!r} is not a known model; choose one of {MODELS}.")
+
+    @drop_fraction.validator
+    def _drop_fraction(self, attribute: attrs.Attribute, value: float | None) -> None:
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ConfigError(
+                f"--drop-fraction={value} must lie in (0, 1]: it is the initial fraction of "
+                f"active weights dropped and regrown per update (RigL uses 0.3)."
+            )
+
+    @gamma_sal.validator
+    def _gamma_sal(self, attribute: attrs.Attribute, value: float | None) -> None:
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(
+                f"--gamma-sal={value} must lie in [0, 1]: neuron ablation removes a neuron with "
+                f"fewer than gamma_sal * k salient weights (SRigL uses 0.3)."
             )
 
     def steps_per_epoch(self, n_train: int) -> int:
@@ -72,17 +108,12 @@ class RunResult:
     density: float
     itop: float | None
     layers: tuple[dict[str, Any], ...]
+    itop_curve: tuple[tuple[int, float], ...] = ()
+    masks: dict[str, torch.Tensor] | None = attrs.field(default=None, eq=False, repr=False)
 
-
-def build_mlp(num_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
-    """A ReLU MLP ``num_features -> hidden... -> num_classes``."""
-    layers: list[nn.Module] = []
-    width = num_features
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields (the optional masks are left out)."""
+        return attrs.asdict(self, filter=lambda a, _: a.name != "masks")
 
 
 @torch.inference_mode()
@@ -107,12 +138,21 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def method_config(
-    method: str, recipe: Recipe, seed: int, total_steps: int, output_layer: str | None = None
+    method: str,
+    recipe: Recipe,
+    seed: int,
+    total_steps: int,
+    output_layer: str | None = None,
+    *,
+    layers: Sequence[LayerSpec] = (),
 ) -> DSTConfig:
-    """The preset ``method`` at the recipe's sparsity, ΔT and distribution.
+    """The preset ``method`` at the recipe's sparsity, ΔT, distribution, drop fraction and
+    ablation threshold (``gamma_sal``, for presets with neuron ablation).
 
     Neuron-level structures (ablation) never remove ``output_layer``'s neurons: they are the
-    classes.
+    classes. Given the sparse ``layers``, an N:M structure whose M does not divide a fan-in
+    opts into zero-padding it (``pad=True``) instead of failing, and when the structures pin
+    every layer's density (N:M) the global density is set to the one they imply.
     """
     config = preset(
         method,
@@ -122,15 +162,27 @@ def method_config(
         seed=seed,
         t_end=int(0.75 * total_steps),
     )
-    if output_layer is None:
-        return config
-    structures = tuple(
-        attrs.evolve(s, exempt=(*s.exempt, output_layer))
-        if level_of(s) == COARSE and output_layer not in getattr(s, "exempt", (output_layer,))
-        else s
-        for s in config.structures
-    )
-    return attrs.evolve(config, structures=structures)
+    if recipe.drop_fraction is not None and hasattr(config.drop, "alpha"):
+        config = attrs.evolve(config, drop=attrs.evolve(config.drop, alpha=recipe.drop_fraction))
+    structures = []
+    for s in config.structures:
+        exempt = getattr(s, "exempt", None)
+        if output_layer and level_of(s) == COARSE and exempt is not None:
+            s = attrs.evolve(s, exempt=tuple(dict.fromkeys((*exempt, output_layer))))
+        if recipe.gamma_sal is not None and hasattr(s, "gamma_sal"):
+            s = attrs.evolve(s, gamma_sal=recipe.gamma_sal)
+        m = getattr(s, "m", None)
+        if m is not None and hasattr(s, "pad") and any(spec.fan_in % m for spec in layers):
+            s = attrs.evolve(s, pad=True)
+        structures.append(s)
+    config = attrs.evolve(config, structures=tuple(structures))
+    composed = compose_structures(config.structures)
+    pinned = [getattr(composed, "fixed_density", lambda _: None)(spec) for spec in layers]
+    if layers and all(d is not None for d in pinned):
+        total = sum(spec.numel for spec in layers)
+        implied = sum(d * spec.numel for d, spec in zip(pinned, layers, strict=True)) / total
+        config = attrs.evolve(config, density=implied)
+    return config
 
 
 def train_run(
@@ -143,14 +195,16 @@ def train_run(
     checkpoint: Path | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    keep_masks: bool = False,
 ) -> RunResult:
     """Train one model with ``method`` (a preset name, or ``dense``) and evaluate it.
 
     With ``checkpoint`` set, the model, optimizer, scheduler and step are saved there
     atomically every ``checkpoint_every`` steps; ``resume`` continues from that file.
+    ``keep_masks`` returns copies of the final masks in :attr:`RunResult.masks`.
     """
     torch.manual_seed(seed)
-    model = build_mlp(data.num_features, recipe.hidden, data.num_classes)
+    model = build_model(recipe.model, data.num_features, data.num_classes, recipe.hidden)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
     )
@@ -176,7 +230,8 @@ def train_run(
         start_step = int(state["step"])
     elif method != DENSE:
         output_layer = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-        config = method_config(method, recipe, seed, total_steps, output_layer)
+        specs = [spec for spec, _ in select_layers(model)]
+        config = method_config(method, recipe, seed, total_steps, output_layer, layers=specs)
         scheduler = DSTScheduler(model, optimizer, config, total_steps=total_steps)
 
     if progress is not None:
@@ -202,6 +257,7 @@ def train_run(
                     {
                         "method": method,
                         "arch": {
+                            "model": recipe.model,
                             "num_features": data.num_features,
                             "hidden": list(recipe.hidden),
                             "num_classes": data.num_classes,
@@ -224,17 +280,18 @@ def train_run(
                 "structure": "dense",
                 "target_sparsity": 0.0,
                 "sparsity": 0.0,
-                "fan_in_min": m.in_features,
-                "fan_in_max": m.in_features,
+                "fan_in_min": m.weight[0].numel(),
+                "fan_in_max": m.weight[0].numel(),
                 "satisfied": True,
-                "active_neurons": m.out_features,
-                "fan_out": m.out_features,
+                "active_neurons": m.weight.shape[0],
+                "fan_out": m.weight.shape[0],
+                "fan_in": [m.weight[0].numel()] * m.weight.shape[0],
             }
-            for n, m in model.named_modules()
-            if isinstance(m, nn.Linear)
+            for n, m in _weighted_layers(model)
         )
-        density, itop = 1.0, None
+        density, itop, masks = 1.0, None, None
     else:
+        masks = scheduler.masks
         summaries = scheduler.summary()
         layers = tuple(
             {
@@ -249,6 +306,7 @@ def train_run(
                 "active_neurons": s.active_neurons,
                 "fan_out": s.fan_out,
                 "itop": s.itop,
+                "fan_in": masks[s.fqn].reshape(s.fan_out, -1).sum(dim=1).tolist(),
             }
             for s in summaries
         )
@@ -263,4 +321,20 @@ def train_run(
         density,
         itop,
         layers,
+        itop_curve(scheduler.history) if scheduler is not None else (),
+        {k: v.clone() for k, v in masks.items()} if keep_masks and masks is not None else None,
     )
+
+
+def _weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)
+    ]
+
+
+def itop_curve(history: Sequence[UpdateRecord]) -> tuple[tuple[int, float], ...]:
+    """``(step, ITOP rate)`` after each topology update, from the scheduler's records."""
+    by_step: dict[int, list[UpdateRecord]] = {}
+    for record in history:
+        by_step.setdefault(record.step, []).append(record)
+    return tuple((step, itop_rate(records)) for step, records in sorted(by_step.items()))

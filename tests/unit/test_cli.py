@@ -102,6 +102,16 @@ class TestTrainCommand:
         head = runs["srigl"]["layers"][-1]
         assert head["active_neurons"] == head["fan_out"]  # the output layer is never ablated
 
+    def test_cnn1d_model_trains_conv_layers(self, capsys, tmp_path):
+        """--model cnn1d trains the 1-D CNN (--hidden gives channels) with sparse Conv1d layers."""
+        out_json = tmp_path / "runs.json"
+        argv = ["train", *TINY, "--model", "cnn1d", "--hidden", "4,8", "--no-dense"]
+        assert main([*argv, "--json", str(out_json)]) == 0
+        assert "CNN1D 64-4-8-10" in capsys.readouterr().err
+        (run,) = json.loads(out_json.read_text())["runs"]
+        assert [layer["shape"] for layer in run["layers"]] == [[4, 1, 5], [8, 4, 3], [10, 128]]
+        assert json.loads(out_json.read_text())["recipe"]["model"] == "cnn1d"
+
     def test_unknown_method_fails_before_training(self, capsys):
         """A misspelled method exits with code 2 and lists the presets, without training."""
         assert main(["train", *TINY, "--method", "rigll"]) == 2

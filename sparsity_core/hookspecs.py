@@ -79,10 +79,15 @@ def sparsity_register_presets(register: RegisterFn) -> None:
 
 @hookspec
 def sparsity_register_strategies(register: RegisterFn) -> None:
-    """Register hypothesis strategies for the testing kit.
+    """Register hypothesis strategies for the testing kit (:mod:`sparsity_core.testing`).
 
-    ``register(name, factory)`` where ``factory(component) -> SearchStrategy`` draws valid
-    inputs for a plugin's own component types.
+    ``register(name, factory)``; the kit looks strategies up by two kinds of name:
+
+    * ``"<type>.<component name>"`` (e.g. ``"growth.explore"``): ``factory(component_class)``
+      returns a strategy of instances, so method strategies vary the hyper-parameters;
+    * ``"specs.<structure name>"``: ``factory(structure)`` returns a strategy of
+      :class:`~sparsity_core.LayerSpec` the structure accepts (when its shapes are not those
+      of N:M or any-shape structures).
     """
 
 

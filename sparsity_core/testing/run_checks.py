@@ -1,26 +1,32 @@
-"""Invariant checks for whole DST runs: budgets, masks, optimizer state, seeds, checkpoints.
+"""Run-level checks on your own model: every invariant of a DST run, seeds, checkpoints.
 
-Each check trains a small model with :class:`~sparsity_core.DSTScheduler` and raises
+Each check trains a model with :class:`~sparsity_core.DSTScheduler` and raises
 :class:`AssertionError` with a message naming the check, the method, the layer and what broke.
+:mod:`~sparsity_core.testing.method_checks` draws the models and checks one invariant at a time.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import CheckpointError, UpdateError
-from ..optim_state import param_shaped_state
 from ..scheduler import DSTScheduler
-from ..structures import describe, realized_budget
-from ..telemetry import UpdateRecord
-from ._common import _count, _describe, _fail, _same
+from ._common import _fail, _same
+from ._training import (
+    MONITORS,
+    GradHook,
+    LossFn,
+    ModelFactory,
+    NoDrop,
+    OptimizerFactory,
+    Training,
+    method_name,
+)
 
 __all__ = [
     "check_checkpoint_resume",
@@ -28,214 +34,6 @@ __all__ = [
     "check_same_seed_same_masks",
     "check_zero_drop_is_identity",
 ]
-ModelFactory = Callable[[], nn.Module]
-OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
-GradHook = Callable[[int, nn.Module], None]
-
-
-# -- whole runs --------------------------------------------------------------------------------
-
-
-def _mse(model: nn.Module, batch: Any) -> torch.Tensor:
-    inputs, targets = batch
-    return F.mse_loss(model(inputs), targets)
-
-
-@attrs.frozen
-class _NoDrop:
-    """A drop schedule that never drops (local, so the check needs no registered schedule)."""
-
-    def fraction(self, step: int, t_end: int) -> float:
-        return 0.0
-
-
-class _Training:
-    """A model, its optimizer and scheduler, stepped over fixed batches with optional checks."""
-
-    def __init__(
-        self,
-        check: str,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: DSTScheduler,
-        *,
-        data: Sequence[Any],
-        loss_fn: LossFn | None,
-        before_optimizer_step: GradHook | None,
-        monitor: bool,
-    ) -> None:
-        if len(data) == 0:
-            raise ValueError(f"{check}: data holds no batch.")
-        self.check, self.model, self.optimizer, self.scheduler = check, model, optimizer, scheduler
-        self.data, self.loss_fn = data, loss_fn or _mse
-        self.hook, self.monitor = before_optimizer_step, monitor
-        self.budgets = {fqn: layer.budget for fqn, layer in scheduler.layers.items()}
-        self.mask_objects = dict(scheduler.masks)
-        self.initial_masks = {fqn: m.clone() for fqn, m in scheduler.masks.items()}
-        if monitor:
-            self._check_ownership()
-            self._check_state()
-
-    @classmethod
-    def build(
-        cls,
-        check: str,
-        config: Any,
-        model_factory: ModelFactory,
-        optimizer_factory: OptimizerFactory,
-        total_steps: int,
-        **kwargs: Any,
-    ) -> _Training:
-        model = model_factory()
-        optimizer = optimizer_factory(model.parameters())
-        try:
-            scheduler = DSTScheduler(model, optimizer, config, total_steps=total_steps)
-        except UpdateError as exc:
-            raise AssertionError(
-                f"{check}: the scheduler rejected the initial mask: {exc}"
-            ) from exc
-        return cls(check, model, optimizer, scheduler, **kwargs)
-
-    def _fail(self, fqn: str, what: str) -> NoReturn:
-        _fail(
-            self.check,
-            f"method {_method_name(self.scheduler)}",
-            f"layer {fqn!r} at step {self.scheduler.step_count}",
-            what,
-        )
-
-    def run_until(self, stop: int) -> None:
-        while self.scheduler.step_count < stop:
-            self.step()
-
-    def step(self) -> list[UpdateRecord]:
-        scheduler, model, optimizer = self.scheduler, self.model, self.optimizer
-        batch = self.data[scheduler.step_count % len(self.data)]
-        optimizer.zero_grad(set_to_none=True)
-        self.loss_fn(model, batch).backward()
-        if self.hook is not None:
-            self.hook(scheduler.step_count + 1, model)
-        optimizer.step()
-        if self.monitor:
-            masks = {fqn: m.clone() for fqn, m in scheduler.masks.items()}
-            weights = {
-                fqn: layer.weight.detach().clone() for fqn, layer in scheduler.layers.items()
-            }
-            seen = len(scheduler.history)
-        try:
-            records = scheduler.step()
-        except UpdateError as exc:
-            raise AssertionError(
-                f"{self.check}: the scheduler rejected the update at step "
-                f"{scheduler.step_count} of method {_method_name(scheduler)}: {exc}"
-            ) from exc
-        if self.monitor:
-            self._check_state()
-            if len(scheduler.history) != seen + len(records):
-                self._fail("*", "the history did not grow by the records returned")
-            if records:
-                self._check_update(records, masks, weights)
-            else:
-                self._check_quiet(masks, weights)
-        return records
-
-    def _check_ownership(self) -> None:
-        """Each sparse weight tensor is governed by exactly one mask."""
-        owners: dict[int, str] = {}
-        for fqn, layer in self.scheduler.layers.items():
-            owner = owners.setdefault(layer.weight.untyped_storage().data_ptr(), fqn)
-            if owner != fqn:
-                self._fail(
-                    fqn,
-                    f"layers {owner!r} and {fqn!r} share one weight tensor (tied weights) but "
-                    f"have separate masks, so only their intersection can be non-zero and the "
-                    f"real density is below the budget",
-                )
-
-    def _check_state(self) -> None:
-        """Budgets, mask identity, zero inactive weights and zero inactive optimizer state."""
-        scheduler = self.scheduler
-        if set(scheduler.layers) != set(self.budgets):
-            self._fail("*", f"the sparse layers changed to {sorted(scheduler.layers)}")
-        live = scheduler.masks
-        for fqn, layer in scheduler.layers.items():
-            mask = layer.mask
-            if mask is not self.mask_objects[fqn] or live[fqn] is not mask:
-                self._fail(fqn, "the mask tensor was replaced instead of updated in place")
-            if mask.dtype != torch.bool or tuple(mask.shape) != layer.spec.shape:
-                self._fail(fqn, f"the mask has dtype {mask.dtype} and shape {tuple(mask.shape)}")
-            if layer.budget != self.budgets[fqn]:
-                self._fail(fqn, f"the budget changed from {self.budgets[fqn]} to {layer.budget}")
-            expected = realized_budget(layer.structure, layer.spec, layer.budget, mask)
-            if expected > layer.budget:
-                self._fail(fqn, f"the realized budget {expected} exceeds the budget {layer.budget}")
-            if _count(mask) != expected:
-                self._fail(fqn, f"{_count(mask)} weights are active, not the budget {expected}")
-            if not layer.structure.satisfied(mask, layer.spec, layer.budget):
-                self._fail(fqn, f"the mask violates the structure {describe(layer.structure)}")
-            weight = layer.weight.detach()
-            bad = (weight != 0) & ~mask
-            if bad.any():
-                self._fail(fqn, f"{_count(bad)} inactive weights are not exactly 0")
-            for key, value in param_shaped_state(self.optimizer, layer.weight).items():
-                bad = (value != 0) & ~mask
-                if bad.any():
-                    self._fail(
-                        fqn,
-                        f"optimizer state {key!r} is non-zero at {_count(bad)} inactive positions",
-                    )
-
-    def _check_update(
-        self,
-        records: list[UpdateRecord],
-        masks: Mapping[str, torch.Tensor],
-        weights: Mapping[str, torch.Tensor],
-    ) -> None:
-        scheduler = self.scheduler
-        step, t_end = scheduler.step_count, scheduler.config.t_end
-        if not scheduler.is_update_step(step):
-            self._fail("*", f"the topology changed off the update steps (t_end={t_end})")
-        by_fqn = {record.fqn: record for record in records}
-        if len(by_fqn) != len(records) or set(by_fqn) != set(scheduler.layers):
-            self._fail("*", f"records name layers {[r.fqn for r in records]}, not each once")
-        for fqn, layer in scheduler.layers.items():
-            record, old, new = by_fqn[fqn], masks[fqn], layer.mask
-            dropped, grown, kept = old & ~new, new & ~old, old & new
-            if record.step != step or record.active != _count(new):
-                self._fail(fqn, f"record {record} disagrees with the step or budget")
-            if record.dropped != _count(dropped) or record.grown != _count(grown):
-                self._fail(
-                    fqn,
-                    f"the record says {record.dropped} dropped / {record.grown} grown but "
-                    f"{_count(dropped)} weights left and {_count(grown)} entered the mask (a "
-                    f"weight was dropped and regrown in the same update)",
-                )
-            weight = layer.weight.detach()
-            if (weight[grown] != 0).any():
-                self._fail(fqn, "grown weights do not start at exactly 0")
-            if not _same(weight[kept], weights[fqn][kept]):
-                self._fail(fqn, "the update changed weights that stayed active")
-
-    def _check_quiet(
-        self, masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
-    ) -> None:
-        for fqn, layer in self.scheduler.layers.items():
-            if not torch.equal(layer.mask, masks[fqn]):
-                self._fail(fqn, "the mask changed on a step that returned no update record")
-            if not _same(layer.weight.detach(), weights[fqn]):
-                self._fail(fqn, "scheduler.step() changed weights on a step without an update")
-
-    def finish(self) -> None:
-        t_end = self.scheduler.config.t_end
-        late = [r for r in self.scheduler.history if r.step >= t_end]
-        if late:
-            self._fail(late[0].fqn, f"an update was recorded at step {late[0].step} >= t_end")
-
-
-def _method_name(scheduler: DSTScheduler) -> str:
-    c = scheduler.config
-    return f"{_describe(c.prune)}/{_describe(c.grow)}/{_describe(c.distribution)}"
 
 
 def check_method_run(
@@ -270,7 +68,7 @@ def check_method_run(
     Returns:
         The scheduler after the run.
     """
-    training = _Training.build(
+    training = Training.build(
         "check_method_run",
         config,
         model_factory,
@@ -279,7 +77,7 @@ def check_method_run(
         data=data,
         loss_fn=loss_fn,
         before_optimizer_step=before_optimizer_step,
-        monitor=True,
+        monitors=MONITORS,
     )
     training.run_until(steps)
     training.finish()
@@ -303,8 +101,8 @@ def check_zero_drop_is_identity(
             anything ``DSTConfig.drop`` accepts, e.g. ``{"kind": "constant", "rate": 0.0}``.
     """
     check = "check_zero_drop_is_identity"
-    zero = attrs.evolve(config, drop=_NoDrop() if drop is None else drop)
-    training = _Training.build(
+    zero = attrs.evolve(config, drop=NoDrop() if drop is None else drop)
+    training = Training.build(
         check,
         zero,
         model_factory,
@@ -313,17 +111,17 @@ def check_zero_drop_is_identity(
         data=data,
         loss_fn=loss_fn,
         before_optimizer_step=None,
-        monitor=True,
+        monitors=frozenset(),
     )
     training.run_until(steps)
     scheduler = training.scheduler
     if scheduler.history:
-        _fail(check, f"method {_method_name(scheduler)}", "the run", "fraction 0 recorded updates")
+        _fail(check, f"method {method_name(scheduler)}", "the run", "fraction 0 recorded updates")
     for fqn, mask in scheduler.masks.items():
         if not torch.equal(mask, training.initial_masks[fqn]):
             _fail(
                 check,
-                f"method {_method_name(scheduler)}",
+                f"method {method_name(scheduler)}",
                 f"layer {fqn!r}",
                 "the mask changed although the drop fraction was 0 at every step",
             )
@@ -343,7 +141,7 @@ def check_same_seed_same_masks(
     check = "check_same_seed_same_masks"
     runs = []
     for _ in range(2):
-        training = _Training.build(
+        training = Training.build(
             check,
             config,
             model_factory,
@@ -352,7 +150,6 @@ def check_same_seed_same_masks(
             data=data,
             loss_fn=loss_fn,
             before_optimizer_step=None,
-            monitor=False,
         )
         trace = [{fqn: m.clone() for fqn, m in training.scheduler.masks.items()}]
         while training.scheduler.step_count < steps:
@@ -360,7 +157,7 @@ def check_same_seed_same_masks(
                 trace.append({fqn: m.clone() for fqn, m in training.scheduler.masks.items()})
         runs.append((training.scheduler, trace))
     (first, trace_a), (second, trace_b) = runs
-    method = f"method {_method_name(first)}"
+    method = f"method {method_name(first)}"
     for index, (a, b) in enumerate(zip(trace_a, trace_b, strict=False)):
         for fqn in a:
             if not torch.equal(a[fqn], b[fqn]):
@@ -402,12 +199,12 @@ def check_checkpoint_resume(
     check = "check_checkpoint_resume"
     if not 0 < resume_at < steps:
         raise ValueError(f"{check}: resume_at={resume_at} must lie strictly inside (0, {steps}).")
-    common = {"data": data, "loss_fn": loss_fn, "before_optimizer_step": None, "monitor": False}
-    straight = _Training.build(check, config, model_factory, optimizer_factory, steps, **common)
+    common = {"data": data, "loss_fn": loss_fn, "before_optimizer_step": None}
+    straight = Training.build(check, config, model_factory, optimizer_factory, steps, **common)
     straight.run_until(steps)
-    first = _Training.build(check, config, model_factory, optimizer_factory, steps, **common)
+    first = Training.build(check, config, model_factory, optimizer_factory, steps, **common)
     first.run_until(resume_at)
-    method = f"method {_method_name(first.scheduler)}"
+    method = f"method {method_name(first.scheduler)}"
     buffer = io.BytesIO()
     torch.save(
         {
@@ -435,7 +232,7 @@ def check_checkpoint_resume(
         _fail(check, method, f"step {resume_at}", f"from_state_dict failed: {exc}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    resumed = _Training(check, model, optimizer, scheduler, **{**common, "monitor": True})
+    resumed = Training(check, model, optimizer, scheduler, **common, monitors=MONITORS)
     resumed.run_until(steps)
     a, b = straight.scheduler, resumed.scheduler
     where = f"step {steps} after resuming at {resume_at}"

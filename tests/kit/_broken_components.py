@@ -3,20 +3,112 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import attrs
 import torch
-from sparsity_plugins.distributions import ErdosRenyiKernel
+from sparsity_formats.condensed import Condensed, CondensedWeight
+from sparsity_formats.csr import CSR
+from sparsity_formats.dense_masked import DenseMasked, DenseMaskedWeight
+from sparsity_plugins.distributions import ErdosRenyiKernel, Uniform, scaled_densities
+from sparsity_plugins.structure_nm import NM
 from sparsity_plugins.structure_unstructured import Unstructured
 
-from sparsity_core import LayerSpec, ScoreContext
+from sparsity_core import Capabilities, DSTConfig, LayerSpec, ScoreContext
 from sparsity_core.selection import topk_mask
+
+# -- criteria -------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class MutatingGrowth:
+    """Scores by magnitude after adding 1 to the weight in place."""
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor:
+        ctx.weight.add_(1.0)
+        return ctx.weight.abs()
+
+
+@attrs.frozen
+class GlobalRngGrowth:
+    """Random growth drawn from the global torch RNG instead of ``ctx.generator``."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(stochastic=True)
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor:
+        return torch.rand(ctx.weight.shape, device=ctx.weight.device)
+
+
+@attrs.frozen
+class PythonRandomGrowth:
+    """Adds one number from Python's global ``random`` to the gradient magnitude."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_grad=True)
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor:
+        return ctx.grad.abs() + random.random()
+
+
+@attrs.frozen
+class FlatScoresGrowth:
+    """Random growth scores returned flattened (the wrong shape)."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(stochastic=True)
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor:
+        return torch.rand(ctx.weight.shape, generator=ctx.generator).reshape(-1)
+
+
+@attrs.frozen
+class DoubleScoresPrune:
+    """Magnitude scores in float64 for a float32 weight (the wrong dtype)."""
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor:
+        return ctx.weight.abs().double()
+
+
+@attrs.frozen
+class UndeclaredGradGrowth:
+    """Reads the dense gradient without declaring ``needs_grad``."""
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor:
+        return ctx.grad.abs()
+
+
+@attrs.frozen
+class UndeclaredRandomGrowth:
+    """Draws from ``ctx.generator`` without declaring ``stochastic``."""
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor:
+        return torch.rand(ctx.weight.shape, generator=ctx.generator)
+
+
+@attrs.frozen
+class NormalisedGradientGrowth:
+    """``|grad| / max |grad|``: 0/0 = NaN everywhere when the gradient is all zero."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(needs_grad=True)
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor:
+        return ctx.grad.abs() / ctx.grad.abs().max()
+
+
+@attrs.frozen
+class InverseMagnitudePrune:
+    """``1 / |w|``: infinite wherever a weight is 0, though every input is finite."""
+
+    def scores(self, ctx: ScoreContext) -> torch.Tensor:
+        return 1.0 / ctx.weight.abs()
+
+
+# -- structures ----------------------------------------------------------------------------------
 
 
 @attrs.frozen
 class CandidateBlindFill(Unstructured):
-    """fill() ignores ``candidates``, so it can regrow weights dropped in the same update."""
+    """The grow step ignores ``candidates``: it regrows weights dropped in the same update."""
 
     def fill(self, scores, base, candidates, budget, spec, **kwargs):
         return base | topk_mask(scores, budget - int(base.sum()), ~base)
@@ -55,47 +147,6 @@ class OverDroppingKeep(Unstructured):
 
 
 @attrs.frozen
-class MutatingGrowth:
-    """Scores by magnitude after adding 1 to the weight in place."""
-
-    def scores(self, ctx: ScoreContext) -> torch.Tensor:
-        ctx.weight.add_(1.0)
-        return ctx.weight.abs()
-
-
-@attrs.frozen
-class GlobalRngGrowth:
-    """Random growth drawn from the global RNG instead of ``ctx.generator``."""
-
-    def scores(self, ctx: ScoreContext) -> torch.Tensor:
-        return torch.rand(ctx.weight.shape, device=ctx.weight.device)
-
-
-@attrs.frozen
-class FlatScoresGrowth:
-    """Random growth scores returned flattened (the wrong shape)."""
-
-    def scores(self, ctx: ScoreContext) -> torch.Tensor:
-        return torch.rand(ctx.weight.shape, generator=ctx.generator).reshape(-1)
-
-
-@attrs.frozen
-class TenPercentOver(ErdosRenyiKernel):
-    """ERK with every density raised by 10% (capped at 1): the global density is off."""
-
-    def densities(self, layers: Sequence[LayerSpec], density: float) -> Mapping[str, float]:
-        return {k: min(1.0, 1.1 * v) for k, v in super().densities(layers, density).items()}
-
-
-@attrs.frozen
-class OverOneDrop:
-    """Drops 150% of the active weights."""
-
-    def fraction(self, step: int, t_end: int) -> float:
-        return 1.5
-
-
-@attrs.frozen
 class DropsAtZero(Unstructured):
     """keep() drops the lowest-scoring active weight even at fraction 0."""
 
@@ -110,3 +161,183 @@ class GenerousBudget(Unstructured):
 
     def budget(self, spec: LayerSpec, density: float) -> int:
         return min(math.ceil(density * spec.numel) + 1, spec.numel)
+
+
+@attrs.frozen
+class NoisyTieBreakFill(Unstructured):
+    """fill() breaks ties with the global RNG, so the same inputs give different masks."""
+
+    def fill(self, scores, base, candidates, budget, spec, **kwargs):
+        noisy = torch.nan_to_num(scores.float(), nan=0.0, posinf=1e9, neginf=-1e9)
+        return super().fill(noisy + 1e3 * torch.rand(scores.shape), base, candidates, budget, spec)
+
+
+@attrs.frozen
+class OneGroupOffNM(NM):
+    """fill() moves one weight of a row's first group into its second group (N+1 and N-1), only
+    to a candidate position; satisfied() stays the honest N:M check."""
+
+    def fill(self, scores, base, candidates, budget, spec, **kwargs):
+        mask = super().fill(scores, base, candidates, budget, spec, **kwargs)
+        if spec.fan_in // self.m < 2 or budget == spec.numel or self.n == self.m:
+            return mask
+        groups = mask.reshape(-1, self.m).clone()
+        free = (candidates.reshape(-1, self.m) & ~groups)[1]
+        if not free.any() or not groups[0].any():
+            return mask
+        groups[0, torch.nonzero(groups[0])[0, 0]] = False
+        groups[1, torch.nonzero(free)[0, 0]] = True
+        return groups.reshape(mask.shape)
+
+
+@attrs.frozen
+class SkewedNM(NM):
+    """Group 0 gets N+1 and group 1 N-1, and satisfied() agrees (both use group_counts)."""
+
+    def group_counts(self, spec, budget, device, active_rows=None):
+        counts = super().group_counts(spec, budget, device, active_rows).clone()
+        if counts.numel() > 1 and budget != spec.numel and self.n < self.m and counts[1] > 0:
+            counts[0] += 1
+            counts[1] -= 1
+        return counts
+
+
+@attrs.frozen
+class CountOnlyNM(NM):
+    """satisfied() only counts the active weights, not N per group."""
+
+    def satisfied(self, mask, spec, budget, active_rows=None):
+        return int(mask.sum()) == budget
+
+
+@attrs.frozen
+class AlwaysSatisfied(Unstructured):
+    """satisfied() accepts anything."""
+
+    def satisfied(self, mask, spec, budget, active_rows=None):
+        return True
+
+
+@attrs.frozen
+class UncheckedNM(NM):
+    """validate() accepts fan-ins M does not divide, and the grouping does not pad them."""
+
+    def validate(self, spec: LayerSpec) -> None:
+        return None
+
+    def to_groups(self, tensor, spec, fill):
+        return tensor.reshape(-1, self.m)
+
+
+@attrs.frozen
+class AssertingNM(NM):
+    """validate() reports a bad fan-in with ValueError, not LayerError."""
+
+    def validate(self, spec: LayerSpec) -> None:
+        if spec.fan_in % self.m:
+            raise ValueError("bad fan-in")
+
+
+# -- distributions and schedules ---------------------------------------------------------------
+
+
+@attrs.frozen
+class TenPercentOver(ErdosRenyiKernel):
+    """ERK with every density raised by 10% (capped at 1): the global density is off."""
+
+    def densities(self, layers, density, fixed=None):
+        out = super().densities(layers, density, fixed)
+        return {k: min(1.0, 1.1 * v) for k, v in out.items()}
+
+
+@attrs.frozen
+class GridDensities(Uniform):
+    """Uniform densities rounded down to a grid of 0.1: small targets become 0."""
+
+    def densities(self, layers, density, fixed=None):
+        return {k: math.floor(v * 10) / 10 for k, v in super().densities(layers, density).items()}
+
+
+@attrs.frozen
+class IgnoresFixed(ErdosRenyiKernel):
+    """Drops ``fixed`` (the densities a structure pins) and the ``dense`` patterns."""
+
+    def densities(
+        self, layers: Sequence[LayerSpec], density: float, fixed: Mapping[str, float] | None = None
+    ) -> Mapping[str, float]:
+        return scaled_densities(self, layers, density, self.raw, ())
+
+
+@attrs.frozen
+class OverOneDrop:
+    """Drops 150% of the active weights."""
+
+    def fraction(self, step: int, t_end: int) -> float:
+        return 1.5
+
+
+@attrs.frozen
+class NaNAtEndDrop:
+    """A constant 0.3 that turns into NaN at ``t_end`` (as ``0 / 0`` would)."""
+
+    def fraction(self, step: int, t_end: int) -> float:
+        return 0.3 if step < t_end else float("nan")
+
+
+# -- formats ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class InferringCSR(CSR):
+    """Zeroes dead weights, then infers the mask from ``weight != 0``: drops live zeros."""
+
+    def pack(self, weight: torch.Tensor, mask: torch.Tensor) -> Any:
+        masked = weight.masked_fill(~mask, 0)
+        return super().pack(masked, masked != 0)
+
+
+@attrs.frozen
+class LeakyDense(DenseMasked):
+    """Stores the weight as given: unpack returns the inactive values too."""
+
+    def pack(self, weight: torch.Tensor, mask: torch.Tensor) -> DenseMaskedWeight:
+        return DenseMaskedWeight(weight.detach().clone(), mask.clone())
+
+
+@attrs.frozen
+class BiasOnlyWhereLive(CSR):
+    """An all-off neuron outputs 0 instead of its bias."""
+
+    def linear(self, packed: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
+        out = super().linear(packed, x, bias)
+        dead = packed.matrix.crow_indices().diff() == 0
+        return out.masked_fill(dead, 0)
+
+
+@attrs.frozen
+class SilentCondensed(Condensed):
+    """Packs a mask that is not constant fan-in by keeping each neuron's first k inputs (k the
+    fewest any active neuron has) instead of refusing it."""
+
+    def pack(self, weight: torch.Tensor, mask: torch.Tensor) -> CondensedWeight:
+        rows = mask.reshape(mask.shape[0], -1)
+        counts = rows.sum(dim=1)
+        active = counts > 0
+        if active.any():
+            k = int(counts[active].min())
+            rank = rows.long().cumsum(dim=1)
+            rows = rows & (rank <= k) & active.unsqueeze(1)
+        return super().pack(weight, rows.reshape(mask.shape))
+
+
+# -- presets ---------------------------------------------------------------------------------
+
+
+def preset_ignoring_overrides(**overrides: Any) -> DSTConfig:
+    """Always RigL at density 0.1, whatever the caller asks."""
+    return DSTConfig(prune="magnitude", grow="gradient", density=0.1)
+
+
+def preset_without_overrides() -> DSTConfig:
+    """Takes no keyword arguments at all."""
+    return DSTConfig(prune="magnitude", grow="gradient")

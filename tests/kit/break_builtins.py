@@ -5,6 +5,7 @@ Not collected by pytest (no ``test_`` prefix); run it by hand to see a suite fai
     python tests/kit/break_builtins.py fill_ignores_candidates   # unstructured regrows dropped
     python tests/kit/break_builtins.py no_optimizer_reset        # stale momentum at grown weights
     python tests/kit/break_builtins.py nm_off_by_one             # one group N+1, another N-1
+    python tests/kit/break_builtins.py random_growth_global_rng  # SET growth ignores the generator
 
 Each prints pytest's failures and exits non-zero; the unbroken suite passes.
 """
@@ -14,8 +15,15 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
-CASES = ("fill_ignores_candidates", "no_optimizer_reset", "nm_off_by_one")
+CASES = (
+    "fill_ignores_candidates",
+    "no_optimizer_reset",
+    "nm_off_by_one",
+    "random_growth_global_rng",
+)
+CONFORMANCE = "tests/conformance/test_conformance.py"
 
 
 def _break(case: str) -> list[str]:
@@ -30,7 +38,8 @@ def _break(case: str) -> list[str]:
             return base | topk_mask(scores, budget - int(base.sum()), ~base)
 
         structure_unstructured.Unstructured.fill = fill
-        return ["tests/unit/test_properties.py", "-k", "EveryPruneGrowth", *quiet]
+        target = "EveryPruneGrowth or structure.unstructured-check_structure_select"
+        return ["tests/unit/test_properties.py", CONFORMANCE, "-k", target, *quiet]
     if case == "no_optimizer_reset":
         import sparsity_core.engine as engine
 
@@ -49,7 +58,16 @@ def _break(case: str) -> list[str]:
             return counts
 
         structure_nm.NM.group_counts = group_counts
-        return ["tests/unit/test_structures.py", "-k", "nm or NM", *quiet]
+        target = "nm or NM or structure.nm-check_structure_select"
+        return ["tests/unit/test_structures.py", CONFORMANCE, "-k", target, *quiet]
+    if case == "random_growth_global_rng":
+        from sparsity_plugins import growth_criteria
+
+        def scores(self, ctx):
+            return torch.rand(ctx.weight.shape, device=ctx.weight.device)
+
+        growth_criteria.RandomGrowth.scores = scores
+        return [CONFORMANCE, "-k", "growth.random-", *quiet]
     raise SystemExit(f"unknown case {case!r}; choose one of {CASES}")
 
 

@@ -1,4 +1,7 @@
-"""The kit's own tests: each deliberately broken component fails the check for its invariant."""
+"""The kit's own tests: each deliberately broken component fails the check for its invariant.
+
+Every built-in passes every check (tests/conformance), so a failure here is the broken part's.
+"""
 
 from __future__ import annotations
 
@@ -6,202 +9,282 @@ import attrs
 import pytest
 import torch
 from _broken_components import (
+    AlwaysSatisfied,
+    AssertingNM,
+    BiasOnlyWhereLive,
     CandidateBlindFill,
+    CountOnlyNM,
+    DoubleScoresPrune,
     DriftingFill,
     DropsAtZero,
     FlatScoresGrowth,
     GenerousBudget,
     GlobalRngGrowth,
+    GridDensities,
+    IgnoresFixed,
+    InferringCSR,
+    InverseMagnitudePrune,
     KeepsInactive,
+    LeakyDense,
     MutatingGrowth,
+    NaNAtEndDrop,
+    NoisyTieBreakFill,
+    NormalisedGradientGrowth,
+    OneGroupOffNM,
     OverDroppingKeep,
     OverOneDrop,
+    PythonRandomGrowth,
+    SilentCondensed,
+    SkewedNM,
     TenPercentOver,
+    UncheckedNM,
+    UndeclaredGradGrowth,
+    UndeclaredRandomGrowth,
+    preset_ignoring_overrides,
+    preset_without_overrides,
 )
-from sparsity_plugins.distributions import ErdosRenyiKernel
-from sparsity_plugins.growth_criteria import GradientGrowth, RandomGrowth
-from sparsity_plugins.schedules import ConstantDrop, CosineDrop
-from sparsity_plugins.structure_unstructured import Unstructured
-from torch import nn
 
-from sparsity_core import DSTConfig, LayerSpec, ScoreContext
-from sparsity_core.rng import make_generator
+import sparsity_core.engine as engine
+import sparsity_core.scheduler as scheduler_module
+from sparsity_core import DSTConfig, DSTScheduler
+from sparsity_core.engine import LayerState, MaskChange
 from sparsity_core.testing import (
-    check_criterion_scores,
-    check_distribution,
-    check_drop_schedule,
-    check_method_run,
-    check_same_seed_same_masks,
+    CHECKS,
+    check_criterion_capabilities_declared,
+    check_criterion_degenerate_inputs,
+    check_criterion_deterministic,
+    check_criterion_finite,
+    check_criterion_inputs_unchanged,
+    check_criterion_no_global_rng,
+    check_criterion_shape_dtype_device,
+    check_distribution_dense_layers,
+    check_distribution_densities_in_range,
+    check_distribution_global_density,
+    check_format_keeps_live_zeros,
+    check_format_linear_matches_dense,
+    check_format_rejects_unsupported,
+    check_format_round_trip,
+    check_method_budget_conserved,
+    check_method_checkpoint_resume,
+    check_method_dropped_subset_of_active,
+    check_method_grown_subset_of_inactive,
+    check_method_grown_weights_and_state_zero,
+    check_method_kept_weights_unchanged,
+    check_method_mask_identity,
+    check_method_no_updates_after_t_end,
+    check_method_same_seed_same_masks,
+    check_method_structure_holds,
+    check_method_zero_drop_is_identity,
+    check_preset_accepts_overrides,
+    check_schedule_fraction_in_range,
     check_structure_budget,
-    check_structure_fill,
     check_structure_keep,
+    check_structure_satisfied_rejects_violations,
+    check_structure_select,
+    check_structure_select_idempotent,
+    check_structure_validate,
 )
+from sparsity_core.testing.models import RunSpec
 
-SPEC = LayerSpec("fc", (3, 4))
-
-
-def flat_mask(*positions: int) -> torch.Tensor:
-    mask = torch.zeros(SPEC.numel, dtype=torch.bool)
-    mask[list(positions)] = True
-    return mask.reshape(SPEC.shape)
+# Broken parts are usually caught within a few examples; these bounds make the tests certain.
+CHEAP = 500
 
 
-# Scores rise with the position, so the best positions are the last ones.
-SCORES = torch.arange(SPEC.numel, dtype=torch.float32).reshape(SPEC.shape)
+def _case(check, component, match):
+    return pytest.param(check, component, match, id=f"{type(component).__name__}-{check.__name__}")
 
 
-class TestStructureChecks:
-    """Structure checks pass the built-in and fail each broken structure."""
-
-    base = flat_mask(0, 1, 2)
-    candidates = flat_mask(3, 4, 5, 6)  # the high-scoring 7..11 are not candidates
-
-    def test_fill_check_passes_the_builtin(self):
-        result = check_structure_fill(Unstructured(), SPEC, SCORES, self.base, self.candidates, 5)
-        assert torch.equal(result, flat_mask(0, 1, 2, 5, 6))
-
-    def test_fill_check_catches_a_fill_that_ignores_candidates(self):
-        with pytest.raises(AssertionError, match="not candidates"):
-            check_structure_fill(CandidateBlindFill(), SPEC, SCORES, self.base, self.candidates, 5)
-
-    def test_fill_check_catches_a_budget_drift(self):
-        with pytest.raises(AssertionError, match="not the budget 5"):
-            check_structure_fill(DriftingFill(), SPEC, SCORES, self.base, self.candidates, 5)
-
-    def test_fill_check_rejects_an_impossible_budget_as_misuse(self):
-        with pytest.raises(ValueError, match="cannot be filled"):
-            check_structure_fill(Unstructured(), SPEC, SCORES, self.base, self.candidates, 8)
-
-    def test_keep_check_passes_the_builtin(self):
-        check_structure_keep(Unstructured(), SPEC, SCORES, flat_mask(*range(6)), 0.5)
-        check_structure_keep(Unstructured(), SPEC, SCORES, flat_mask(*range(6)), 0.0)
-
-    def test_keep_check_catches_keeping_an_inactive_position(self):
-        with pytest.raises(AssertionError, match="kept 1 inactive"):
-            check_structure_keep(KeepsInactive(), SPEC, SCORES, flat_mask(*range(6)), 0.5)
-
-    def test_keep_check_catches_dropping_more_than_can_be_regrown(self):
-        nearly_full = flat_mask(*range(SPEC.numel - 1))
-        with pytest.raises(AssertionError, match="more than the 1 inactive"):
-            check_structure_keep(OverDroppingKeep(), SPEC, SCORES, nearly_full, 0.5)
-
-    def test_keep_check_catches_a_drop_at_fraction_zero(self):
-        with pytest.raises(AssertionError, match="at fraction 0"):
-            check_structure_keep(DropsAtZero(), SPEC, SCORES, flat_mask(*range(6)), 0.0)
-
-    def test_budget_check_passes_the_builtin_and_catches_a_generous_budget(self):
-        assert check_structure_budget(Unstructured(), SPEC, 0.5) == 6
-        with pytest.raises(AssertionError, match=r"more than 1\.0 from"):
-            check_structure_budget(GenerousBudget(), SPEC, 0.45)
+COMPONENT_CASES = [
+    # criteria
+    _case(check_criterion_inputs_unchanged, MutatingGrowth(), r"modified its input ctx\.weight"),
+    _case(check_criterion_no_global_rng, GlobalRngGrowth(), "global torch RNG"),
+    _case(check_criterion_deterministic, GlobalRngGrowth(), "differ between two calls"),
+    _case(check_criterion_no_global_rng, PythonRandomGrowth(), "global random RNG"),
+    _case(check_criterion_shape_dtype_device, FlatScoresGrowth(), r"shape \(\d+,\)"),
+    _case(check_criterion_shape_dtype_device, DoubleScoresPrune(), "dtype torch.float64"),
+    _case(check_criterion_capabilities_declared, UndeclaredGradGrowth(), r"ctx\.grad"),
+    _case(check_criterion_capabilities_declared, UndeclaredRandomGrowth(), "stochastic=True"),
+    _case(check_criterion_degenerate_inputs, NormalisedGradientGrowth(), "degenerate input"),
+    _case(check_criterion_finite, InverseMagnitudePrune(), "non-finite values"),
+    # structures
+    _case(check_structure_select, CandidateBlindFill(), "not candidates"),
+    _case(check_structure_select, DriftingFill(), r"holds \d+ weights, not the"),
+    _case(check_structure_select, OneGroupOffNM(), "rejected by the structure's satisfied"),
+    _case(check_structure_select, SkewedNM(), "breaks N:M: group"),
+    _case(check_structure_select_idempotent, NoisyTieBreakFill(), "two different masks"),
+    _case(check_structure_keep, KeepsInactive(), "kept 1 inactive"),
+    _case(check_structure_keep, OverDroppingKeep(), "inactive positions they could be regrown"),
+    _case(check_structure_keep, DropsAtZero(), "at fraction 0"),
+    _case(check_structure_budget, GenerousBudget(), "half a weight per rounding group"),
+    _case(check_structure_satisfied_rejects_violations, AlwaysSatisfied(), "one weight"),
+    _case(check_structure_satisfied_rejects_violations, CountOnlyNM(), "breaks N:M"),
+    _case(check_structure_validate, UncheckedNM(), r"validate\(\) accepted the layer"),
+    _case(check_structure_validate, AssertingNM(), "raised ValueError, not"),
+    # distributions and schedules
+    _case(check_distribution_global_density, TenPercentOver(), "global density"),
+    _case(check_distribution_densities_in_range, GridDensities(), r"density 0\.0 is outside"),
+    _case(check_distribution_dense_layers, IgnoresFixed(), "pinned dense via 'fixed'"),
+    _case(check_schedule_fraction_in_range, OverOneDrop(), r"= 1\.5 is outside \[0, 1\]"),
+    _case(check_schedule_fraction_in_range, NaNAtEndDrop(), r"= nan is outside"),
+    # formats
+    _case(check_format_keeps_live_zeros, InferringCSR(), "live zeros"),
+    _case(check_format_round_trip, LeakyDense(), r"differs from w\.masked_fill"),
+    _case(check_format_linear_matches_dense, BiasOnlyWhereLive(), r"off F\.linear"),
+    _case(check_format_rejects_unsupported, SilentCondensed(), "stored it wrongly"),
+    # presets
+    _case(check_preset_accepts_overrides, preset_ignoring_overrides, "the config holds"),
+    _case(check_preset_accepts_overrides, preset_without_overrides, "TypeError"),
+]
 
 
-def context() -> ScoreContext:
-    gen = torch.Generator().manual_seed(0)
-    mask = flat_mask(0, 4, 8, 9)
-    weight = torch.randn(SPEC.shape, generator=gen) * mask
-    grad = torch.randn(SPEC.shape, generator=gen)
-    return ScoreContext(SPEC, 10, weight, mask, make_generator(0, "fc", 10, "grow"), grad=grad)
+class TestBrokenComponents:
+    """Each broken criterion, structure, distribution, schedule, format and preset fails the
+    check of the invariant it breaks, with a message saying what broke."""
+
+    @pytest.mark.parametrize(("check", "component", "match"), COMPONENT_CASES)
+    def test_the_matching_check_fails(self, check, component, match):
+        with pytest.raises(AssertionError, match=match) as info:
+            check(component, max_examples=CHEAP)
+        assert check.__name__ in str(info.value)
 
 
-class TestCriterionCheck:
-    """The criterion check passes the built-ins and fails each broken criterion."""
+# -- whole methods: broken components inside a run, and a broken engine --------------------------
 
-    @pytest.mark.parametrize("criterion", [RandomGrowth(), GradientGrowth()])
-    def test_passes_the_builtins(self, criterion):
-        check_criterion_scores(criterion, context())
-
-    def test_catches_a_criterion_that_mutates_the_weight(self):
-        with pytest.raises(AssertionError, match=r"modified its input ctx\.weight"):
-            check_criterion_scores(MutatingGrowth(), context())
-
-    def test_catches_a_criterion_that_uses_the_global_rng(self):
-        with pytest.raises(AssertionError, match="global torch RNG"):
-            check_criterion_scores(GlobalRngGrowth(), context())
-
-    def test_catches_scores_of_the_wrong_shape(self):
-        with pytest.raises(AssertionError, match=r"shape \(12,\)"):
-            check_criterion_scores(FlatScoresGrowth(), context())
-
-
-LAYERS = [LayerSpec("a", (16, 8)), LayerSpec("b", (8, 4, 3, 3)), LayerSpec("c", (4, 8, 3))]
-
-
-class TestDistributionAndScheduleChecks:
-    """Distribution and schedule checks pass the built-ins and fail broken ones."""
-
-    def test_distribution_check_passes_erk_and_catches_a_ten_percent_error(self):
-        check_distribution(ErdosRenyiKernel(), LAYERS, 0.3)
-        with pytest.raises(AssertionError, match="global density"):
-            check_distribution(TenPercentOver(), LAYERS, 0.3)
-
-    def test_schedule_check_passes_the_builtins_and_catches_a_fraction_above_one(self):
-        check_drop_schedule(CosineDrop(), 50)
-        check_drop_schedule(ConstantDrop(rate=1.0), 50)
-        with pytest.raises(AssertionError, match=r"= 1\.5 is outside \[0, 1\]"):
-            check_drop_schedule(OverOneDrop(), 50)
-
-
-# -- whole runs ----------------------------------------------------------------------------------
-
-
-def tiny_mlp() -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)) for _ in range(4)]
-
-
-RUN = {
-    "model_factory": tiny_mlp,
-    "steps": 12,
-    "optimizer_factory": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
-    "data": batches(),
-}
-BASE = DSTConfig(
+RUN = RunSpec.build("mlp", 16, 16, 0, "sgd_momentum", 16)
+METHOD = DSTConfig(
     prune="magnitude",
-    grow="random",
+    grow="gradient",
     drop={"kind": "constant", "rate": 0.5},
     distribution="uniform",
     density=0.5,
-    delta_t=2,
 )
+RUN_EXAMPLES = 6
 
 
-class TestMethodRunCheck:
-    """The run checks pass a sound method and fail every broken component inside a run."""
+def _regrow_a_dropped_weight(real):
+    """compute_change that puts back one dropped weight (and skips one grown) but reports the
+    update as computed."""
 
-    def test_passes_a_sound_method(self):
-        scheduler = check_method_run(BASE, **RUN)
-        assert scheduler.history
+    def compute_change(layer, **kwargs):
+        change = real(layer, **kwargs)
+        if change.dropped.any() and change.grown.any():
+            new = change.new_mask.clone().reshape(-1)
+            new[torch.nonzero(change.dropped.reshape(-1))[0, 0]] = True
+            new[torch.nonzero(change.grown.reshape(-1))[0, 0]] = False
+            return MaskChange(new.reshape(change.new_mask.shape), change.dropped, change.grown)
+        return change
+
+    return compute_change
+
+
+def _grow_at_a_small_value(real):
+    def commit_change(layer, change, *args, **kwargs):
+        record = real(layer, change, *args, **kwargs)
+        with torch.no_grad():
+            layer.weight[change.grown] = 0.01
+        return record
+
+    return commit_change
+
+
+def _replace_mask(self, new_mask):
+    self.mask = new_mask.clone()
+
+
+def _update_until_the_end(self, step):
+    return step % self.config.delta_t == 0 and step > self.config.t_start
+
+
+def _forget_history(real):
+    def state_dict(self):
+        return {**real(self), "history": []}
+
+    return state_dict
+
+
+def _drop_at_least_a_tenth(real):
+    """step() that updates with fraction 0.1 where the schedule says 0 (a floor on the drop)."""
+
+    def step(self):
+        records = real(self)
+        if not records and self.is_update_step(self.step_count):
+            records = self._update(self.step_count, 0.1)
+            self.history.extend(records)
+        return records
+
+    return step
+
+
+BROKEN_ENGINES = {
+    "regrows-dropped": [(scheduler_module, "compute_change", _regrow_a_dropped_weight)],
+    "no-optimizer-reset": [(engine, "reset_state_at", lambda real: lambda *a, **k: None)],
+    "grown-nonzero": [(scheduler_module, "commit_change", _grow_at_a_small_value)],
+    "mask-replaced": [(LayerState, "set_mask", lambda real: _replace_mask)],
+    "updates-after-t_end": [(DSTScheduler, "is_update_step", lambda real: _update_until_the_end)],
+    "checkpoint-forgets-history": [(DSTScheduler, "state_dict", _forget_history)],
+    "drop-floor": [(DSTScheduler, "step", _drop_at_least_a_tenth)],
+}
+
+
+def _break(monkeypatch, name):
+    for owner, attribute, patch in BROKEN_ENGINES[name]:
+        monkeypatch.setattr(owner, attribute, patch(getattr(owner, attribute)))
+
+
+ENGINE_CASES = [
+    ("regrows-dropped", check_method_dropped_subset_of_active, "active weights left the mask"),
+    ("regrows-dropped", check_method_grown_subset_of_inactive, "inactive weights entered"),
+    ("no-optimizer-reset", check_method_grown_weights_and_state_zero, "optimizer state"),
+    ("grown-nonzero", check_method_grown_weights_and_state_zero, "grown weights are not"),
+    ("mask-replaced", check_method_mask_identity, "replaced instead of updated in place"),
+    ("updates-after-t_end", check_method_no_updates_after_t_end, ">= t_end"),
+    ("checkpoint-forgets-history", check_method_checkpoint_resume, "history differs"),
+    ("drop-floor", check_method_zero_drop_is_identity, "fraction 0 recorded updates"),
+]
+
+
+class TestBrokenEngine:
+    """Method checks catch an engine that breaks the invariant they watch (patched in-process)."""
 
     @pytest.mark.parametrize(
-        "change",
-        [
-            {"structures": CandidateBlindFill()},
-            {"structures": DriftingFill()},
-            {"structures": KeepsInactive()},
-            {"structures": OverDroppingKeep(), "density": 0.9},
-            {"grow": FlatScoresGrowth()},
-            {"drop": OverOneDrop()},
-        ],
-        ids=["regrows-dropped", "budget-drift", "keeps-inactive", "over-drop", "shape", "drop>1"],
+        ("broken", "check", "match"),
+        ENGINE_CASES,
+        ids=[f"{b}-{c.__name__}" for b, c, _ in ENGINE_CASES],
     )
-    def test_reports_engine_update_errors_as_check_failures(self, change):
-        config = attrs.evolve(BASE, **change)
-        with pytest.raises(AssertionError, match="check_method_run: the scheduler rejected"):
-            check_method_run(config, **RUN)
+    def test_the_matching_method_check_fails(self, monkeypatch, broken, check, match):
+        check(METHOD, run=RUN, max_examples=RUN_EXAMPLES)  # the sound engine passes
+        _break(monkeypatch, broken)
+        with pytest.raises(AssertionError, match=match):
+            check(METHOD, run=RUN, max_examples=RUN_EXAMPLES)
 
-    def test_catches_a_criterion_that_changes_surviving_weights(self):
-        config = attrs.evolve(BASE, grow=MutatingGrowth())
-        with pytest.raises(AssertionError, match="changed weights that stayed active"):
-            check_method_run(config, **RUN)
 
-    def test_same_seed_check_catches_global_rng_randomness(self):
-        check_same_seed_same_masks(BASE, **RUN)
-        config = attrs.evolve(BASE, grow=GlobalRngGrowth())
-        with pytest.raises(AssertionError, match="masks differ after update"):
-            check_same_seed_same_masks(config, **RUN)
+METHOD_CASES = [
+    ({"grow": MutatingGrowth()}, check_method_kept_weights_unchanged, "changed weights that"),
+    ({"grow": GlobalRngGrowth()}, check_method_same_seed_same_masks, "masks differ"),
+    ({"structures": CandidateBlindFill()}, check_method_grown_subset_of_inactive, "rejected"),
+    ({"structures": DriftingFill()}, check_method_budget_conserved, "rejected"),
+    ({"structures": SkewedNM(n=2, m=4)}, check_method_structure_holds, "breaks N:M"),
+    ({"structures": KeepsInactive()}, check_method_dropped_subset_of_active, "rejected"),
+]
+
+
+class TestBrokenComponentsInAMethod:
+    """A broken component inside an otherwise sound method fails the method check it breaks."""
+
+    @pytest.mark.parametrize(
+        ("change", "check", "match"),
+        METHOD_CASES,
+        ids=[f"{type(next(iter(c.values()))).__name__}-{k.__name__}" for c, k, _ in METHOD_CASES],
+    )
+    def test_the_matching_method_check_fails(self, change, check, match):
+        method = attrs.evolve(METHOD, **change)
+        with pytest.raises(AssertionError, match=match):
+            check(method, run=RUN, max_examples=RUN_EXAMPLES)
+
+
+def test_every_check_is_shown_failing():
+    """No check of the kit is vacuous: each one fails on some broken component or engine here."""
+    shown = {case.values[0].__name__ for case in COMPONENT_CASES}
+    shown |= {check.__name__ for _, check, _ in ENGINE_CASES + METHOD_CASES}
+    every = {check.__name__ for checks in CHECKS.values() for check in checks}
+    assert every - shown == set()

@@ -1,7 +1,8 @@
-"""Meta tests: entry points, plugin modules, hookspecs and tests stay in step."""
+"""Meta tests: entry points, plugin modules, hookspecs, docs and tests stay in step."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata
 import inspect
@@ -15,10 +16,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
+import sparsity_core.testing as kit
 from sparsity_core import hookspecs
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
+DOCS = ROOT / "docs"
+EXAMPLE = ROOT / "examples" / "sparsity_explore"
 PLUGIN_PACKAGES = {"sparsity_plugins": ROOT / "plugins", "sparsity_formats": ROOT / "formats"}
 IMPL_MARKER = f"{hookspecs.PROJECT_NAME}_impl"
 SPEC_MARKER = f"{hookspecs.PROJECT_NAME}_spec"
@@ -126,3 +130,58 @@ class TestHookspecs:
             if path.resolve() != me and pattern.search(path.read_text(encoding="utf-8"))
         ]
         assert users, f"no test exercises the hook {name!r}"
+
+    @pytest.mark.parametrize("name", _hookspec_names())
+    def test_every_hook_is_documented_with_its_signature(self, name):
+        """docs/plugins.md names each hook with its exact arguments, e.g. ``hook(register)``."""
+        params = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
+        assert f"`{name}({params})`" in (DOCS / "plugins.md").read_text(encoding="utf-8")
+
+
+class TestKitDocs:
+    """docs/testing.md lists exactly the kit's public checks."""
+
+    def test_every_check_is_documented_and_every_documented_check_exists(self):
+        """The tables list exactly the checks check_component runs; the rest are mentioned."""
+        text = (DOCS / "testing.md").read_text(encoding="utf-8")
+        tabled = set(re.findall(r"^\| `(check_\w+)`", text, flags=re.M))
+        in_suites = {c.__name__ for checks in kit.CHECKS.values() for c in checks}
+        assert tabled == in_suites
+        public = {name for name in kit.__all__ if name.startswith("check_")}
+        mentioned = set(re.findall(r"`(check_\w+)", text))
+        assert public - mentioned == set(), "document these checks in docs/testing.md"
+
+    def test_every_drawn_check_runs_in_some_suite(self):
+        """Each public check that draws its inputs is run by check_component for some kind."""
+        in_suites = {c.__name__ for checks in kit.CHECKS.values() for c in checks}
+        explicit = {
+            "check_component",
+            "check_method_run",
+            "check_checkpoint_resume",
+            "check_same_seed_same_masks",
+            "check_zero_drop_is_identity",
+        }
+        drawn = {n for n in kit.__all__ if n.startswith("check_") and n not in explicit}
+        assert drawn == in_suites
+
+
+class TestExamplePlugin:
+    """The third-party example declares its module in our group, implementing real hooks.
+
+    Read from its sources, so this holds whether or not the example is installed.
+    """
+
+    def test_entry_point_module_implements_known_hooks(self):
+        with open(EXAMPLE / "pyproject.toml", "rb") as f:
+            entry_points = tomllib.load(f)["project"]["entry-points"][hookspecs.PROJECT_NAME]
+        assert entry_points == {"sparsity_explore": "sparsity_explore.plugin"}
+        source = EXAMPLE / "src" / "sparsity_explore" / "plugin.py"
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+        hooks = {
+            node.name
+            for node in tree.body
+            if isinstance(node, ast.FunctionDef)
+            and any(ast.unparse(d) == "hookimpl" for d in node.decorator_list)
+        }
+        assert hooks and hooks <= set(_hookspec_names())
+        assert "sparsity_register_growth_criteria" in hooks

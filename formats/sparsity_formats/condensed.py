@@ -132,18 +132,31 @@ class Condensed:
     def linear(
         self, packed: CondensedWeight, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x2d, lead = flatten_input("condensed", x, packed.in_features, packed.values.dtype)
-        if self.native and _native_ok(x, packed, bias) and (op := _native.condensed_linear()):
-            every = packed.active_rows.numel() == packed.out_features
+        values = packed.values
+        if (
+            self.native
+            and x.dtype is values.dtype
+            and x.dim() > 0
+            and x.shape[-1] == packed.in_features
+            and _native_ok(x, packed, bias)
+            and (op := _native.condensed_linear())
+        ):
+            # The inference fast path (the checks above are all it needs): at batch 1 the
+            # Python around the operator is a measurable share of the call.
+            out_features = packed.out_features
+            rows = packed.active_rows
             out = op(
-                x2d,
-                packed.values,
+                x if x.dim() == 2 else x.reshape(-1, x.shape[-1]),
+                values,
                 packed.indices,
-                _EMPTY_ROWS if every else packed.active_rows,
+                _EMPTY_ROWS if rows.numel() == out_features else rows,
                 _EMPTY_BIAS if bias is None else bias,
-                packed.out_features,
+                out_features,
             )
-            return out.to(x.dtype).reshape(*lead, packed.out_features)
+            if x.dtype is not torch.float32:
+                out = out.to(x.dtype)
+            return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
+        x2d, lead = flatten_input("condensed", x, packed.in_features, values.dtype)
         dtype = compute_dtype(packed.values)
         # embedding_bag and index_select take int32 indices, not the stored uint8/int16.
         rows_out = gather_matmul(x2d.to(dtype), packed.indices.int(), packed.values.to(dtype))

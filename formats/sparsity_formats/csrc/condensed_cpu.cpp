@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -169,9 +170,38 @@ inline void axpy_tile(const V* v, const I* c, int64_t k, const float* tile, floa
 }
 #endif
 
+// ---- 8 x 8 transposes for the two layout changes of the tiled path -----------------------
+// load(r) gives row r (8 floats) of an 8 x 8 block; store(q, v) receives column q.
+#if SPARSITY_AVX2
+template <typename Load, typename Store>
+inline void transpose8(Load&& load, Store&& store) {
+  __m256 r[8], t[8];
+  for (int q = 0; q < 8; ++q) r[q] = load(q);
+  for (int q = 0; q < 8; q += 2) {
+    t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
+    t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+  }
+  for (int q = 0; q < 8; q += 4) {
+    r[q] = _mm256_shuffle_ps(t[q], t[q + 2], 0x44);
+    r[q + 1] = _mm256_shuffle_ps(t[q], t[q + 2], 0xEE);
+    r[q + 2] = _mm256_shuffle_ps(t[q + 1], t[q + 3], 0x44);
+    r[q + 3] = _mm256_shuffle_ps(t[q + 1], t[q + 3], 0xEE);
+  }
+  // r[0..3] hold columns {0,1,2,3} of rows 0-3 (low lanes) and 4-7... per 128-bit half.
+  store(0, _mm256_permute2f128_ps(r[0], r[4], 0x20));
+  store(1, _mm256_permute2f128_ps(r[1], r[5], 0x20));
+  store(2, _mm256_permute2f128_ps(r[2], r[6], 0x20));
+  store(3, _mm256_permute2f128_ps(r[3], r[7], 0x20));
+  store(4, _mm256_permute2f128_ps(r[0], r[4], 0x31));
+  store(5, _mm256_permute2f128_ps(r[1], r[5], 0x31));
+  store(6, _mm256_permute2f128_ps(r[2], r[6], 0x31));
+  store(7, _mm256_permute2f128_ps(r[3], r[7], 0x31));
+}
+#endif
+
 template <int NV, typename V, typename I>
 void gemm_tiles(const V* values, const I* cols, const int64_t* rows, int64_t active, int64_t k,
-                const float* x, int64_t batch, int64_t in_features, float* y,
+                const float* x, int64_t batch, int64_t in_features, const float* bias, float* y,
                 int64_t out_features) {
   constexpr int W = 8 * NV;
   constexpr int64_t kBlock = 16;  // rows/columns per block of the two blocked transposes
@@ -179,44 +209,86 @@ void gemm_tiles(const V* values, const I* cols, const int64_t* rows, int64_t act
   const int64_t padded = tiles * W;
   // Tiled transpose, in cache blocks: xt[t, c, w] = x[t * W + w, c] (zero past the batch).
   // (Strided single-element passes would hit one cache set when a row is 4 KiB apart.)
-  std::vector<float> xt(static_cast<size_t>(tiles * in_features * W));
+  // Every element is written below, so neither buffer is zero-filled first (at batch 256 the
+  // fill alone was megabytes of extra memory traffic per call).
+  std::unique_ptr<float[]> xt(new float[static_cast<size_t>(tiles * in_features * W)]);
   const int64_t cblocks = (in_features + kBlock - 1) / kBlock;
   at::parallel_for(0, tiles * cblocks, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t tb = lo; tb < hi; ++tb) {
       const int64_t t = tb / cblocks, c0 = (tb % cblocks) * kBlock;
       const int64_t c1 = std::min(in_features, c0 + kBlock);
-      float* dst = xt.data() + t * in_features * W;
+      float* dst = xt.get() + t * in_features * W;
+      int64_t c = c0;
+#if SPARSITY_AVX2
+      // 8 x 8 blocks: 8 batch rows by 8 input columns become 8 columns by 8 lanes.
+      for (; c + 8 <= c1; c += 8) {
+        for (int w0 = 0; w0 < W; w0 += 8) {
+          const int64_t b0 = t * W + w0;
+          transpose8(
+              [&](int r) {
+                return b0 + r < batch ? _mm256_loadu_ps(x + (b0 + r) * in_features + c)
+                                      : _mm256_setzero_ps();
+              },
+              [&](int q, __m256 v) { _mm256_storeu_ps(dst + (c + q) * W + w0, v); });
+        }
+      }
+#endif
       for (int w = 0; w < W; ++w) {
         const int64_t b = t * W + w;
-        if (b < batch) {
-          const float* src = x + b * in_features;
-          for (int64_t c = c0; c < c1; ++c) dst[c * W + w] = src[c];
-        } else {
-          for (int64_t c = c0; c < c1; ++c) dst[c * W + w] = 0.f;
-        }
+        const float* src = x + b * in_features;
+        for (int64_t cc = c; cc < c1; ++cc) dst[cc * W + w] = b < batch ? src[cc] : 0.f;
       }
     }
   });
   // yt[i, b]: each active neuron's outputs for the whole (padded) batch, stored contiguously.
-  std::vector<float> yt(static_cast<size_t>(active * padded));
+  std::unique_ptr<float[]> yt(new float[static_cast<size_t>(active * padded)]);
   // Enough rows per task to amortise a thread hand-off (about 32k multiply-adds).
   const int64_t grain = std::max<int64_t>(1, 32768 / (k * padded));
   at::parallel_for(0, active, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t t = 0; t < tiles; ++t) {
-      const float* tile = xt.data() + t * in_features * W;
+      const float* tile = xt.get() + t * in_features * W;
       for (int64_t i = lo; i < hi; ++i) {
-        axpy_tile<NV>(values + i * k, cols + i * k, k, tile, yt.data() + i * padded + t * W);
+        axpy_tile<NV>(values + i * k, cols + i * k, k, tile, yt.get() + i * padded + t * W);
       }
     }
   });
-  // Blocked transpose-add into y[b, rows[i]] (y already holds the bias or zeros).
-  const int64_t iblocks = (active + kBlock - 1) / kBlock;
-  at::parallel_for(0, iblocks, 4, [&](int64_t lo, int64_t hi) {
-    for (int64_t ib = lo; ib < hi; ++ib) {
-      const int64_t i0 = ib * kBlock, i1 = std::min(active, i0 + kBlock);
-      for (int64_t b = 0; b < batch; ++b) {
-        float* dst = y + b * out_features;
-        for (int64_t i = i0; i < i1; ++i) dst[rows ? rows[i] : i] += yt[i * padded + b];
+  // y[b, o] = bias[o] + yt[pos[o], b], where pos[o] is o's active row (-1: ablated, which gives
+  // exactly the bias or 0). Blocks of 8 outputs by 8 batch rows are transposed in registers,
+  // so every store is a full, contiguous vector.
+  std::vector<int64_t> pos;
+  if (rows) {
+    pos.assign(static_cast<size_t>(out_features), -1);
+    for (int64_t i = 0; i < active; ++i) pos[rows[i]] = i;
+  }
+  const auto row_of = [&](int64_t o) { return rows ? pos[o] : o; };
+  const int64_t oblocks = (out_features + kBlock - 1) / kBlock;
+  at::parallel_for(0, oblocks, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t ob = lo; ob < hi; ++ob) {
+      const int64_t o0 = ob * kBlock, o1 = std::min(out_features, o0 + kBlock);
+      int64_t o = o0;
+#if SPARSITY_AVX2
+      for (; o + 8 <= o1; o += 8) {
+        const __m256 bv = bias ? _mm256_loadu_ps(bias + o) : _mm256_setzero_ps();
+        int64_t src[8];
+        for (int r = 0; r < 8; ++r) src[r] = row_of(o + r);
+        for (int64_t b0 = 0; b0 < batch; b0 += 8) {
+          transpose8(
+              [&](int r) {
+                return src[r] >= 0 ? _mm256_loadu_ps(yt.get() + src[r] * padded + b0)
+                                   : _mm256_setzero_ps();
+              },
+              [&](int q, __m256 v) {
+                if (b0 + q < batch) _mm256_storeu_ps(y + (b0 + q) * out_features + o,
+                                                     _mm256_add_ps(bv, v));
+              });
+        }
+      }
+#endif
+      for (; o < o1; ++o) {
+        const int64_t i = row_of(o);
+        const float bo = bias ? bias[o] : 0.f;
+        for (int64_t b = 0; b < batch; ++b)
+          y[b * out_features + o] = bo + (i >= 0 ? yt[i * padded + b] : 0.f);
       }
     }
   });
@@ -228,7 +300,8 @@ void gemm_tiles(const V* values, const I* cols, const int64_t* rows, int64_t act
 // and batch 256 ran 2x slower with 192 KiB tiles than with 1 MiB ones.
 template <typename V, typename I>
 void gemm(const V* values, const I* cols, const int64_t* rows, int64_t active, int64_t k,
-          const float* x, int64_t batch, int64_t in_features, float* y, int64_t out_features) {
+          const float* x, int64_t batch, int64_t in_features, const float* bias, float* y,
+          int64_t out_features) {
   const int64_t by_cache = (1024 * 1024) / (32 * std::max<int64_t>(in_features, 1));
   const int64_t by_batch = (batch + 7) / 8;
   const int nv = static_cast<int>(std::clamp<int64_t>(std::min(by_cache, by_batch), 1,
@@ -236,7 +309,7 @@ void gemm(const V* values, const I* cols, const int64_t* rows, int64_t active, i
   switch (nv) {
 #define SPARSITY_CASE(N)                                                                    \
   case N:                                                                                   \
-    return gemm_tiles<N>(values, cols, rows, active, k, x, batch, in_features, y,           \
+    return gemm_tiles<N>(values, cols, rows, active, k, x, batch, in_features, bias, y,     \
                          out_features);
     SPARSITY_CASE(1)
     SPARSITY_CASE(2)
@@ -246,7 +319,7 @@ void gemm(const V* values, const I* cols, const int64_t* rows, int64_t active, i
     SPARSITY_CASE(6)
     SPARSITY_CASE(7)
     default:
-      return gemm_tiles<8>(values, cols, rows, active, k, x, batch, in_features, y,
+      return gemm_tiles<8>(values, cols, rows, active, k, x, batch, in_features, bias, y,
                            out_features);
 #undef SPARSITY_CASE
   }
@@ -303,30 +376,33 @@ at::Tensor condensed_linear(const at::Tensor& x, const at::Tensor& values, const
 
   at::Tensor y = at::empty({batch, out_features}, x.options().dtype(at::kFloat));
   float* yp = y.mutable_data_ptr<float>();
-  if (bias.numel() > 0) {
-    const at::Tensor b = bias.to(at::kFloat).contiguous();
-    const float* bp = b.const_data_ptr<float>();
-    for (int64_t r = 0; r < batch; ++r) std::memcpy(yp + r * out_features, bp, out_features * 4);
-  } else {
-    std::fill(yp, yp + batch * out_features, 0.f);
+  const at::Tensor b = bias.numel() > 0 ? bias.to(at::kFloat).contiguous() : bias;
+  const float* bp = bias.numel() > 0 ? b.const_data_ptr<float>() : nullptr;
+  const bool tiled = batch >= 2 && active > 0 && k > 0;  // writes every output itself
+  if (!tiled) {
+    for (int64_t r = 0; r < batch; ++r) {
+      if (bp) {
+        std::memcpy(yp + r * out_features, bp, out_features * sizeof(float));
+      } else {
+        std::fill(yp + r * out_features, yp + (r + 1) * out_features, 0.f);
+      }
+    }
   }
   if (batch == 0 || active == 0 || k == 0) return y;
 
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xp = xf.const_data_ptr<float>();
   if (batch == 1) {
     // Enough rows per task to amortise a thread hand-off (about 32k multiply-adds).
     const int64_t grain = std::max<int64_t>(1, 32768 / k);
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
-    const float* xp = xf.const_data_ptr<float>();
     with_value_type(vals, [&](auto vp) {
       with_index_type(idx, [&](auto cp) { gemv(vp, cp, rp, active, k, xp, yp, grain); });
     });
     return y;
   }
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.const_data_ptr<float>();
   with_value_type(vals, [&](auto vp) {
     with_index_type(idx, [&](auto cp) {
-      gemm(vp, cp, rp, active, k, xp, batch, in_features, yp, out_features);
+      gemm(vp, cp, rp, active, k, xp, batch, in_features, bp, yp, out_features);
     });
   });
   return y;

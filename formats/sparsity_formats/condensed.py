@@ -51,8 +51,11 @@ def _native_ok(x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> bool:
     """Whether the compiled kernel applies: CPU, a dtype it reads, and no autograd needed."""
     if x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES:
         return False
-    tensors = (x, packed.values) if bias is None else (x, packed.values, bias)
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    if not torch.is_grad_enabled():
+        return True
+    return not (
+        x.requires_grad or packed.values.requires_grad or (bias is not None and bias.requires_grad)
+    )
 
 
 @attrs.define(eq=False)

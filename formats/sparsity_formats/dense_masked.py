@@ -1,4 +1,8 @@
-"""The ``dense_masked`` format: the dense weight with its explicit boolean mask (the oracle)."""
+"""The ``dense_masked`` format: the dense weight with its explicit boolean mask (the oracle).
+
+Like the packed formats, ``linear`` treats a convolution weight as its ``[out, -1]`` view and
+takes inputs of shape ``[..., C_in * prod(kernel)]`` (see :mod:`sparsity_formats._common`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import torch.nn.functional as F
 
 from sparsity_core import hookimpl
 from sparsity_core.errors import ConfigError
+
+from ._common import flatten_input
 
 
 @attrs.define(eq=False)
@@ -46,7 +52,10 @@ class DenseMasked:
     def linear(
         self, packed: DenseMaskedWeight, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return F.linear(x, packed.weight, bias)
+        weight = packed.weight
+        matrix = weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
+        flatten_input("dense_masked", x, matrix.shape[1], matrix.dtype)
+        return F.linear(x, matrix, bias)
 
     def nbytes(self, packed: DenseMaskedWeight) -> int:
         return packed.weight.nelement() * packed.weight.element_size() + packed.mask.nelement()

@@ -4,7 +4,7 @@ At every update, a neuron's salient weights are those that survive the drop plus
 the layer's top growth candidates (as many as the update grows). A neuron with fewer than
 ``gamma_sal * k`` salient weights (``k`` its current fan-in) is ablated: all its weights are
 dropped and its budget is spread over the remaining neurons, so the fan-in stays constant
-(``k = budget // active neurons``; the few weights that do not divide evenly are left out and
+(``k = budget // active neurons``; the weights that do not divide evenly are left out and
 reported through ``realized_budget``). Under N:M, whose N per group is fixed, the ablated
 neuron's weights leave the layer's count instead.
 
@@ -14,6 +14,12 @@ Rules:
   active; when the rule would ablate more, the least salient go first.
 * Fewer neurons are ablated than the rule asks when the survivors could not be refilled to the
   larger fan-in from their own previously inactive inputs (a drop is never undone).
+* Where the budget is spread (constant fan-in) and does not divide evenly over the survivors,
+  the next least salient neurons are ablated too when survivors at fan-in ``k + 1`` would put
+  more of the budget to use than those neurons hold salient weights (at most ``k`` weights are
+  then left out). E.g. a fan-in-40 layer with budget 1024 ablated from 256 to 208 neurons
+  would keep 208 x 4 = 832 weights (19% of its budget unused); ablating 4 more keeps
+  204 x 5 = 1020.
 * Layers matching ``exempt`` (fnmatch patterns, e.g. the output layer) are never ablated.
 """
 
@@ -118,8 +124,10 @@ class AblatedStructure:
         top = topk_mask(scores, min(max(n_grow, 0), count(pool)), pool)
         salient = row_counts(_rows(spec, base | top))
         below = active_old & (salient < self.ablation.gamma_sal * k_old)
-        # Least salient first; never below the minimum of active neurons.
-        order = torch.argsort(torch.where(below, salient, salient.new_full((), 2**62)), stable=True)
+        # Least salient first (the marked ones, then the other active ones; ablated neurons
+        # last); never below the minimum of active neurons.
+        rank = torch.where(below, salient, torch.where(active_old, salient + 2**40, 2**62))
+        order = torch.argsort(rank, stable=True)
         most = min(int(below.sum()), int(active_old.sum()) - self._min_rows(spec, budget))
         capacity = row_counts(_rows(spec, base | candidates))
 
@@ -139,11 +147,47 @@ class AblatedStructure:
                 lo = mid
             else:
                 hi = mid - 1
+        n_old = int(active_old.sum())
+        limit = n_old - self._min_rows(spec, budget)
+        held = lambda a0, a1: int(salient[order[a0:a1]].sum())  # noqa: E731
+        lo = self._least_lossy(spec, budget, survivors, feasible, held, n_old, lo, limit)
         active_new = survivors(lo)
         keep_rows = active_new.reshape(-1, *([1] * (base.dim() - 1)))
         return self.inner.fill(
             scores, base & keep_rows, candidates & keep_rows, budget, spec, active_rows=active_new
         )
+
+    def _least_lossy(
+        self,
+        spec: LayerSpec,
+        budget: int,
+        survivors: Any,
+        feasible: Any,
+        held: Any,
+        n_old: int,
+        marked: int,
+        limit: int,
+    ) -> int:
+        """``marked`` (the neurons the rule ablates), or ``marked`` plus the next least salient
+        neurons where survivors at fan-in k + 1 instead of k put more of the budget to use than
+        those neurons hold salient weights (``held(a0, a1)``: the salient weights of the
+        neurons ranked a0..a1-1). Only where the inner structure spreads the budget (not N:M)."""
+        if marked <= 0:
+            return marked
+        # Does the inner structure spread the budget? (Constant fan-in: fewer rows, larger k;
+        # N:M: k per row is fixed.) Probed at the fewest rows it accepts.
+        probe = torch.zeros(spec.fan_out, dtype=torch.bool)
+        probe[: self.inner.min_active_rows(spec, budget)] = True
+        full = self._row_counts(spec, budget, torch.ones_like(probe)).max()
+        if not bool(self._row_counts(spec, budget, probe).max() > full):
+            return marked
+        counts = self._row_counts(spec, budget, survivors(marked))
+        n_next = budget // (int(counts.max()) + 1)
+        more = n_old - n_next
+        if more <= marked or more > limit or not feasible(more):
+            return marked
+        gained = int(self._row_counts(spec, budget, survivors(more)).sum()) - int(counts.sum())
+        return more if gained > held(marked, more) else marked
 
     def satisfied(self, mask: torch.Tensor, spec: LayerSpec, budget: int) -> bool:
         if self._exempt(spec):

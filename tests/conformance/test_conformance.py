@@ -11,16 +11,9 @@ from sparsity_core.testing import builtin_components, component_id, parametrize_
 
 BUILTINS = builtin_components()
 
-# Known failures of built-ins, each with its reason (strict: fixing one makes its test fail
-# until the entry is removed).
-EXPECTED_FAILURES = {
-    "format.dense_masked": {
-        "check_format_linear_matches_dense": (
-            "dense_masked.linear passes a convolution weight to F.linear without viewing it as "
-            "[out, -1]; the other formats do"
-        ),
-    },
-}
+# Known failures of built-ins, ``{component id: {check: reason}}`` (strict: fixing one makes its
+# test fail until the entry is removed). None at present.
+EXPECTED_FAILURES: dict[str, dict[str, str]] = {}
 
 
 @parametrize_with_checks(

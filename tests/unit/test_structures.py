@@ -434,6 +434,22 @@ class TestNeuronAblation:
             f"{math.ceil(budget / spec.fan_in)}"
         )
 
+    def test_ablation_leaves_out_fewer_than_a_neurons_worth_of_the_budget(self):
+        """Fan-in 40, budget 4 x 256: ablating the 48 dead neurons alone would keep 208 x 4 =
+        832 weights; four more of the least salient go too, and 204 x 5 = 1020 stay. (When the
+        gain is smaller than what those neurons hold, they stay: in
+        test_a_run_ablates_a_neuron_that_never_matters 7 x 4 survive rather than 6 x 5.)"""
+        spec, mask, budget, weight, grad = _dead_row_case(256, 40, 4, 0)
+        weight[:48] = 0.0
+        grad[:48] = 0.0
+        s = compose_structures((NeuronAblation(), ConstantFanIn()))
+        keep = s.keep(weight.abs(), mask, 0.5, spec)
+        new = s.fill(grad.abs(), keep, ~mask | keep, budget, spec, previous=mask)
+        assert_structure_holds(s, spec, new, budget)
+        assert not bool(new[:48].any())
+        assert int(active_rows_of(new).sum()) == 204
+        assert int(new.sum()) == 1020
+
     def test_min_active_fraction_one_forbids_ablation(self):
         """With min_active_fraction=1 even a dead neuron keeps its k inputs."""
         spec, mask, budget, weight, grad = _dead_row_case()

@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import attrs
 import pytest
 import scipy.sparse
 import torch
 import torch.nn.functional as F
+from _broken_components import BiasOnlyWhereLive, InferringCSR
 from hypothesis import given
 from hypothesis import strategies as st
 from sparsity_formats._common import index_dtype
@@ -475,25 +475,6 @@ class TestBytes:
 
 
 # -- the checks can fail ------------------------------------------------------------------------
-
-
-@attrs.frozen
-class InferringCSR(CSR):
-    """Broken on purpose: zeroes dead weights, then infers the mask from ``weight != 0``."""
-
-    def pack(self, weight: torch.Tensor, mask: torch.Tensor) -> Any:
-        masked = weight.masked_fill(~mask, 0)
-        return super().pack(masked, masked != 0)
-
-
-@attrs.frozen
-class BiasOnlyWhereLive(CSR):
-    """Broken on purpose: an all-off neuron outputs 0 instead of its bias."""
-
-    def linear(self, packed: Any, x: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
-        out = super().linear(packed, x, bias)
-        dead = packed.matrix.crow_indices().diff() == 0
-        return out.masked_fill(dead, 0)
 
 
 class TestTheChecksCanFail:

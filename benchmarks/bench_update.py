@@ -339,7 +339,9 @@ def run_profile(setup: str, args: argparse.Namespace) -> None:
     )
     stats = pstats.Stats(profiler).strip_dirs().sort_stats("tottime")
     stats.print_stats(args.profile_top)
-    stats.sort_stats("cumulative").print_callers(r"argsort|topk|where|masked_fill|scatter|sum")
+    stats.sort_stats("cumulative").print_callers(
+        r"argsort|topk|where|masked_fill|scatter|sum|any|count_nonzero|nan_to_num"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

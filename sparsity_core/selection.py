@@ -58,9 +58,40 @@ def topk_mask(scores: torch.Tensor, k: int, candidates: torch.Tensor) -> torch.T
     if k == available:
         return out.copy_(candidates)
     key = priority(scores, candidates).reshape(-1)
-    idx = torch.topk(key, k, sorted=False).indices
-    out.view(-1)[idx] = True
+    out.view(-1)[_topk_indices(key, k, candidates.reshape(-1), available)] = True
     return out
+
+
+# Below this many positions a plain topk is as fast as anything else.
+_SMALL = 1 << 16
+
+
+def _topk_indices(
+    key: torch.Tensor, k: int, candidates: torch.Tensor, available: int
+) -> torch.Tensor:
+    """Positions of the ``k`` largest keys (non-candidates are ``-inf``) of the flat ``key``.
+
+    ``torch.topk`` over a whole large layer costs several times a pass over it, so when the
+    candidates are few (the active weights of a sparse layer) it runs on them alone, and when
+    the winners are few among many candidates (the weights to grow) it runs on the keys at or
+    above a threshold taken from a strided sample; the threshold is used only when at least
+    ``k`` keys reach it, so it never excludes a winner. The same positions are selected as a
+    topk over the whole key, up to the choice among keys tied with the k-th largest.
+    """
+    n = key.numel()
+    if n >= _SMALL and available * 4 <= n:
+        pos = candidates.nonzero().squeeze(1)
+        return pos[torch.topk(key[pos], k, sorted=False).indices]
+    step = n // max(_SMALL, 1000 * n // max(k, 1))
+    if n >= _SMALL and k * 8 <= available and step > 1:
+        # A sample expected to hold about 1000 winners; its threshold keeps about 2k keys.
+        sample = key[::step]
+        want = min(sample.numel(), 2 * k * sample.numel() // n + 16)
+        threshold = torch.topk(sample, want, sorted=False).values.min()
+        pos = (key >= threshold).nonzero().squeeze(1)
+        if pos.numel() >= k:
+            return pos[torch.topk(key[pos], k, sorted=False).indices]
+    return torch.topk(key, k, sorted=False).indices
 
 
 def _first_k_per_row(key: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

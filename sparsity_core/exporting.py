@@ -132,8 +132,9 @@ class PackedLinear(nn.Module):
         if self._packed is not None:
             return self._packed
         packed = self._build()
-        # A tensor built under inference_mode cannot be used outside it: do not cache one.
-        if not torch.is_inference_mode_enabled():
+        # A tensor built under inference_mode (the CSR tensors assembled from their buffers)
+        # cannot be used outside it: do not cache one. Other formats only hold the buffers.
+        if not self._csr_fields or not torch.is_inference_mode_enabled():
             self._packed = packed
         return packed
 

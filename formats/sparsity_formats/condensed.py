@@ -47,14 +47,19 @@ _EMPTY_ROWS = torch.empty(0, dtype=torch.long)
 _EMPTY_BIAS = torch.empty(0)
 
 
-def _native_ok(x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> bool:
-    """Whether the compiled kernel applies: CPU, a dtype it reads, and no autograd needed."""
-    if x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES:
-        return False
-    if not torch.is_grad_enabled():
-        return True
-    return not (
-        x.requires_grad or packed.values.requires_grad or (bias is not None and bias.requires_grad)
+def _kernel_args(packed: Any) -> tuple:
+    """``(values, indices, active_rows, rows argument, in_features, out_features, dtype ok)``:
+    computed once per packed weight, so a batch-1 call runs only a few attribute checks."""
+    rows = packed.active_rows
+    every = rows.numel() == packed.out_features
+    return (
+        packed.values,
+        packed.indices,
+        rows,
+        _EMPTY_ROWS if every else rows,
+        packed.in_features,
+        packed.out_features,
+        packed.values.dtype in _NATIVE_DTYPES,
     )
 
 
@@ -66,6 +71,9 @@ class CondensedWeight(PackedShape):
     indices: torch.Tensor
     active_rows: torch.Tensor
     shape: tuple[int, ...]
+    # What the compiled kernel's fast path needs, built on first use by ``Condensed.linear``
+    # and rebuilt when a tensor field is replaced (see ``_kernel_args``).
+    kernel_args: Any = attrs.field(default=None, init=False, repr=False)
 
     @property
     def fan_in(self) -> int:
@@ -135,39 +143,48 @@ class Condensed:
     def linear(
         self, packed: CondensedWeight, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        values = packed.values
+        args = packed.kernel_args
+        if (
+            args is None
+            or args[0] is not packed.values
+            or args[1] is not packed.indices
+            or args[2] is not packed.active_rows
+        ):
+            args = packed.kernel_args = _kernel_args(packed)
+        values, indices, _, rows, in_features, out_features, native_dtype = args
+        if x.dim() != 2 and x.dim() > 0 and x.shape[-1] == in_features:
+            out = self.linear(packed, x.reshape(-1, in_features), bias)
+            return out.reshape(*x.shape[:-1], out_features)
+        # The compiled kernel (the inference fast path: at batch 1 the Python around the
+        # operator is a measurable share of the call, so the checks are kept to these): CPU,
+        # a dtype it reads, and no autograd graph to record.
         if (
             self.native
+            and native_dtype
             and x.dtype is values.dtype
-            and x.dim() > 0
-            and x.shape[-1] == packed.in_features
-            and _native_ok(x, packed, bias)
+            and x.is_cpu
+            and x.dim() == 2
+            and x.shape[1] == in_features
+            and not (
+                torch.is_grad_enabled()
+                and (
+                    x.requires_grad
+                    or values.requires_grad
+                    or (bias is not None and bias.requires_grad)
+                )
+            )
             and (op := _native.condensed_linear())
         ):
-            # The inference fast path (the checks above are all it needs): at batch 1 the
-            # Python around the operator is a measurable share of the call.
-            out_features = packed.out_features
-            rows = packed.active_rows
-            out = op(
-                x if x.dim() == 2 else x.reshape(-1, x.shape[-1]),
-                values,
-                packed.indices,
-                _EMPTY_ROWS if rows.numel() == out_features else rows,
-                _EMPTY_BIAS if bias is None else bias,
-                out_features,
-            )
-            if x.dtype is not torch.float32:
-                out = out.to(x.dtype)
-            return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out_features)
-        x2d, lead = flatten_input("condensed", x, packed.in_features, values.dtype)
-        dtype = compute_dtype(packed.values)
+            out = op(x, values, indices, rows, _EMPTY_BIAS if bias is None else bias, out_features)
+            return out if x.dtype is torch.float32 else out.to(x.dtype)
+        x2d, lead = flatten_input("condensed", x, in_features, values.dtype)
+        dtype = compute_dtype(values)
         # embedding_bag and index_select take int32 indices, not the stored uint8/int16.
-        rows_out = gather_matmul(x2d.to(dtype), packed.indices.int(), packed.values.to(dtype))
-        every = packed.active_rows.numel() == packed.out_features
+        rows_out = gather_matmul(x2d.to(dtype), indices.int(), values.to(dtype))
         return finish_output(
             rows_out,
-            None if every else packed.active_rows,
-            packed.out_features,
+            None if rows is _EMPTY_ROWS else packed.active_rows,
+            out_features,
             bias,
             lead,
             x.dtype,

@@ -27,7 +27,14 @@ from .layers import LayerSpec
 from .registry import ComponentType, Registry, get_registry
 from .scheduler import DSTScheduler
 
-__all__ = ["ExportResult", "ExportRow", "PackedLinear", "SkippedLayer", "export"]
+__all__ = [
+    "ExportResult",
+    "ExportRow",
+    "ExportSizeWarning",
+    "PackedLinear",
+    "SkippedLayer",
+    "export",
+]
 
 # A sparse CSR tensor cannot be a plain buffer (its state_dict would not be three plain
 # tensors), so a CSR field ``name`` is stored as ``name.crow`` / ``.col`` / ``.values`` buffers.
@@ -190,6 +197,10 @@ class ExportRow:
     def ratio(self) -> float:
         """Packed bytes over dense bytes (below 1 saves memory)."""
         return self.packed_bytes / self.dense_bytes if self.dense_bytes else float("nan")
+
+
+class ExportSizeWarning(UserWarning):
+    """A layer was packed into a format that takes at least as many bytes as its dense weight."""
 
 
 @attrs.frozen
@@ -408,6 +419,16 @@ def export(
                 weight.numel() * weight.element_size(),
                 planned[fqn].nbytes(),
             )
+        )
+    larger = [r for r in report if r.format != "dense_masked" and r.ratio >= 1]
+    if larger:
+        listed = ", ".join(f"{r.fqn!r} ({r.format}: {r.ratio:.3f}x)" for r in larger)
+        warnings.warn(
+            f"export: packing does not save memory on {listed}: at this density the packed "
+            f"weight (values plus indices) is no smaller than the dense one. Keep such a layer "
+            f"dense with rules=[({larger[0].fqn!r}, 'dense_masked')].",
+            ExportSizeWarning,
+            stacklevel=2,
         )
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparsity_core import ConfigError, DSTScheduler, LayerError, preset
-from sparsity_core.exporting import ExportResult, PackedLinear, export
+from sparsity_core.exporting import ExportResult, ExportSizeWarning, PackedLinear, export
 
 # (preset, density, format): each format exported from a model trained under a matching preset.
 CASES = [
@@ -256,6 +257,23 @@ class TestReport:
         result = export(model, scheduler, format="condensed")
         assert result.packed_bytes < result.dense_bytes / 3
         assert all(row.saved_bytes > 0 for row in result.report)
+
+    def test_warns_when_packing_does_not_save_bytes(self):
+        """A nearly dense layer packs larger than dense: the export says which, and the fix."""
+        model, scheduler = trained("srigl", 0.1, steps=10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ExportSizeWarning)
+            export(model, scheduler, format="condensed")  # every layer is smaller: no warning
+        dense_ish, sched = trained("rigl", 0.9, steps=2)
+        with pytest.warns(ExportSizeWarning, match="does not save memory") as caught:
+            result = export(dense_ish, sched, format="csr")
+        larger = [row for row in result.report if row.ratio >= 1]
+        message = str(caught[0].message)
+        assert larger and all(f"'{row.fqn}' (csr: " in message for row in larger)
+        assert f"rules=[('{larger[0].fqn}', 'dense_masked')]" in message
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ExportSizeWarning)
+            export(dense_ish, sched, format="dense_masked")  # the oracle format never warns
 
     def test_conv_layers_skipped_with_reason(self):
         """Conv layers stay dense, masked, and are reported as skipped."""

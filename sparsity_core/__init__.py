@@ -22,7 +22,7 @@ from .errors import (
     UnknownComponentError,
     UpdateError,
 )
-from .exporting import ExportResult, PackedLinear, export
+from .exporting import ExportResult, ExportSizeWarning, PackedLinear, export
 from .hookspecs import hookimpl, hookspec
 from .layers import LayerSpec
 from .protocols import (
@@ -56,6 +56,7 @@ __all__ = [
     "DropSchedule",
     "DuplicateComponentError",
     "ExportResult",
+    "ExportSizeWarning",
     "GrowthCriterion",
     "LayerError",
     "LayerSpec",

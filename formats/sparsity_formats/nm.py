@@ -154,8 +154,10 @@ class NMFormat:
             return None
         try:
             if packed.semi is None:
-                dense = self.unpack(packed).reshape(packed.out_features, -1)
-                with warnings.catch_warnings():
+                # Built as a normal tensor even under inference_mode: the packed weight (and
+                # this cache) outlives the call and may be used outside it.
+                with torch.inference_mode(False), warnings.catch_warnings():
+                    dense = self.unpack(packed).reshape(packed.out_features, -1)
                     warnings.filterwarnings("ignore", message="The PyTorch API of SparseSemi")
                     packed.semi = convert(dense)
             return F.linear(x2d, packed.semi, bias)

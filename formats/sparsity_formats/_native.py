@@ -2,10 +2,11 @@
 
 ``condensed_linear()`` returns the compiled operator ``torch.ops.sparsity_formats.condensed_linear``
 or ``None``. The first call in a process compiles ``csrc/condensed_cpu.cpp`` as a torch C++
-extension (gcc/g++ and ninja from the system, torch's own headers; about 20 s on two cores) into
-torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``);
-later processes load the cached library in well under a second. The build is keyed by the
-source, the flags and the CPU's vector capability, so a change to any of them rebuilds.
+extension (gcc/g++ and ninja from the system, torch's own headers; about 65-70 s on two cores
+here) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``); later processes load the cached library in well under a
+second. The build is keyed by the source, the flags and the CPU's vector capability, so a
+change to any of them rebuilds.
 
 When the build fails (no compiler, no ninja, a non-x86 CPU without the flags, ...) the formats
 fall back to their pure-PyTorch kernels, which give the same results, and one

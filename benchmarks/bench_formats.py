@@ -108,7 +108,6 @@ UNABLATED = "condensed, before ablation"
 
 def fan_in_mask(out_f: int, in_f: int, density: float, ablated: float, gen) -> Any:
     """A constant fan-in mask: each row keeps k random inputs; a random ``ablated`` share none."""
-
     return fan_in_masks(out_f, in_f, density, ablated, gen)[1]
 
 

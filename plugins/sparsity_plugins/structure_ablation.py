@@ -128,7 +128,9 @@ class AblatedStructure:
         # last); never below the minimum of active neurons.
         rank = torch.where(below, salient, torch.where(active_old, salient + 2**40, 2**62))
         order = torch.argsort(rank, stable=True)
-        most = min(int(below.sum()), int(active_old.sum()) - self._min_rows(spec, budget))
+        n_old = int(active_old.sum())
+        limit = n_old - self._min_rows(spec, budget)
+        most = min(int(below.sum()), limit)
         capacity = row_counts(_rows(spec, base | candidates))
 
         def survivors(n_ablate: int) -> torch.Tensor:
@@ -147,8 +149,6 @@ class AblatedStructure:
                 lo = mid
             else:
                 hi = mid - 1
-        n_old = int(active_old.sum())
-        limit = n_old - self._min_rows(spec, budget)
         held = lambda a0, a1: int(salient[order[a0:a1]].sum())  # noqa: E731
         lo = self._least_lossy(spec, budget, survivors, feasible, held, n_old, lo, limit)
         active_new = survivors(lo)

@@ -5,6 +5,8 @@ registered structure tuple (each weight-level structure alone and under each neu
 restricted to those the format ``supports()`` unless a check says otherwise; a format carrying
 N:M parameters (integer ``n`` and ``m``) is also given the registered ``nm`` structure with them.
 Live weights include exact zeros and inactive positions hold zeros, random values or Inf/NaN.
+Examples are drawn on the CPU and moved to ``device`` (e.g. ``"cuda"`` to check a format's GPU
+path; the default is the CPU).
 """
 
 from __future__ import annotations
@@ -83,10 +85,21 @@ def _options(check: str, fmt: Any, supported: bool | None) -> list[tuple[Any, ..
     return chosen
 
 
+def _device(check: str, fmt: Any, device: Any) -> torch.device:
+    """``device`` as a torch.device, or a failure saying why it cannot be used."""
+    try:
+        chosen = torch.device(device)
+        torch.empty(0, device=chosen)
+    except (AssertionError, RuntimeError, TypeError, ValueError) as exc:
+        # (torch built without CUDA raises AssertionError for "cuda")
+        _fail(check, fmt, f"device {device!r}", f"cannot allocate there ({exc}); pick another")
+    return chosen
+
+
 def _draw_layer(
-    draw: Draw, options: list[tuple[Any, ...]]
+    draw: Draw, options: list[tuple[Any, ...]], device: torch.device
 ) -> tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]:
-    """``(structures, weight, mask)``: a mask satisfying one of the structure tuples."""
+    """``(structures, weight, mask)`` on ``device``: a mask satisfying a structure tuple."""
     structures = draw(st.sampled_from(options), label="structures")
     composed = compose_structures(structures)
     spec = draw(structured_specs(composed, max_side=10, max_groups=4), label="spec")
@@ -97,11 +110,14 @@ def _draw_layer(
     mask = draw(structured_masks(composed, spec, budget=budget, ablate=ablate), label="mask")
     inactive = draw(st.sampled_from(["zero", "random", "nonfinite"]), label="inactive")
     weight = draw(weights(spec.shape, mask=mask, inactive=inactive), label="weight")
-    return structures, weight, mask
+    return structures, weight.to(device), mask.to(device)
 
 
 def _where(structures: tuple[Any, ...], weight: torch.Tensor) -> str:
-    return f"a {tuple(weight.shape)} {weight.dtype} weight with structure ({_label(structures)})"
+    on = "" if weight.device.type == "cpu" else f" {weight.device}"
+    return (
+        f"a {tuple(weight.shape)} {weight.dtype}{on} weight with structure ({_label(structures)})"
+    )
 
 
 def _round_trip(
@@ -130,14 +146,17 @@ def _round_trip(
     return packed
 
 
-def check_format_round_trip(fmt: Any, *, max_examples: int | None = None) -> None:
+def check_format_round_trip(
+    fmt: Any, *, max_examples: int | None = None, device: Any = "cpu"
+) -> None:
     """``unpack(pack(w, m))`` is exactly ``w.masked_fill(~m, 0)`` (shape and dtype too), in
     float32 and bfloat16, whatever the inactive positions hold."""
     check = "check_format_round_trip"
     options = _options(check, fmt, True)
+    on = _device(check, fmt, device)
 
     def example(draw: Draw) -> None:
-        structures, weight, mask = _draw_layer(draw, options)
+        structures, weight, mask = _draw_layer(draw, options, on)
         dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
         _round_trip(check, fmt, structures, weight.to(dtype), mask)
 
@@ -175,22 +194,26 @@ def _assert_close(
         )
 
 
-def check_format_linear_matches_dense(fmt: Any, *, max_examples: int | None = None) -> None:
+def check_format_linear_matches_dense(
+    fmt: Any, *, max_examples: int | None = None, device: Any = "cpu"
+) -> None:
     """``linear(pack(w, m), x, b)`` matches ``F.linear(x, w * m, b)`` within dtype tolerance for
     1-D, empty and batched inputs, with and without bias, in float32 and bfloat16."""
     check = "check_format_linear_matches_dense"
     options = _options(check, fmt, True)
+    on = _device(check, fmt, device)
 
     def example(draw: Draw) -> None:
-        structures, weight, mask = _draw_layer(draw, options)
+        structures, weight, mask = _draw_layer(draw, options, on)
         dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
         weight = weight.masked_fill(~mask, 0).to(dtype)  # F.linear needs finite weights
         dense = weight.reshape(weight.shape[0], -1)
         gen = _generator(draw(seeds(), label="input seed"))
-        x = torch.randn((*draw(_LEADS, label="batch"), dense.shape[1]), generator=gen).to(dtype)
+        lead = draw(_LEADS, label="batch")
+        x = torch.randn((*lead, dense.shape[1]), generator=gen).to(device=on, dtype=dtype)
         where = f"{_where(structures, weight)} and input {tuple(x.shape)}"
         packed = _call(check, fmt, where, "pack()", lambda: fmt.pack(weight, mask))
-        for bias in (torch.randn(dense.shape[0], generator=gen).to(dtype), None):
+        for bias in (torch.randn(dense.shape[0], generator=gen).to(device=on, dtype=dtype), None):
             out = _call(
                 check, fmt, where, "linear()", lambda bias=bias: fmt.linear(packed, x, bias)
             )
@@ -199,7 +222,9 @@ def check_format_linear_matches_dense(fmt: Any, *, max_examples: int | None = No
     run_examples(check, example, cost=FAST, max_examples=max_examples)
 
 
-def check_format_keeps_live_zeros(fmt: Any, *, max_examples: int | None = None) -> None:
+def check_format_keeps_live_zeros(
+    fmt: Any, *, max_examples: int | None = None, device: Any = "cpu"
+) -> None:
     """A live weight equal to 0 is stored like any other live weight (the mask is never
     inferred from ``weight != 0``).
 
@@ -208,9 +233,10 @@ def check_format_keeps_live_zeros(fmt: Any, *, max_examples: int | None = None) 
     """
     check = "check_format_keeps_live_zeros"
     options = _options(check, fmt, True)
+    on = _device(check, fmt, device)
 
     def example(draw: Draw) -> None:
-        structures, weight, mask = _draw_layer(draw, options)
+        structures, weight, mask = _draw_layer(draw, options, on)
         live = torch.nonzero(mask.reshape(-1)).flatten().tolist()
         assume(live)
         weight = weight.clone()
@@ -239,7 +265,9 @@ def check_format_keeps_live_zeros(fmt: Any, *, max_examples: int | None = None) 
     run_examples(check, example, cost=FAST, max_examples=max_examples)
 
 
-def check_format_rejects_unsupported(fmt: Any, *, max_examples: int | None = None) -> None:
+def check_format_rejects_unsupported(
+    fmt: Any, *, max_examples: int | None = None, device: Any = "cpu"
+) -> None:
     """A structure the format does not support is rejected, never stored wrongly.
 
     For structures ``supports()`` refuses: ``check_supports`` (where defined) raises a
@@ -250,11 +278,12 @@ def check_format_rejects_unsupported(fmt: Any, *, max_examples: int | None = Non
     check = "check_format_rejects_unsupported"
     groups = [g for g in (_options(check, fmt, False), _options(check, fmt, True)) if g]
     guard = getattr(fmt, "check_supports", None)
+    on = _device(check, fmt, device)
 
     def example(draw: Draw) -> None:
         # Refused and accepted structures are drawn equally often (the refused ones first).
         options = draw(st.sampled_from(groups), label="refused or accepted")
-        structures, weight, mask = _draw_layer(draw, options)
+        structures, weight, mask = _draw_layer(draw, options, on)
         where = _where(structures, weight)
         spec = LayerSpec("layer", tuple(weight.shape))
         if fmt.supports(structures):

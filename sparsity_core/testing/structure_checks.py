@@ -82,7 +82,7 @@ def nm_violation(structure: Any, spec: LayerSpec, mask: torch.Tensor, budget: in
     groups = -(-spec.fan_in // m)
     padded = F.pad(rows.long(), (0, groups * m - spec.fan_in))
     counts = padded.reshape(spec.fan_out, groups, m).sum(dim=-1)
-    real = torch.full((groups,), m, dtype=torch.long)
+    real = torch.full((groups,), m, dtype=torch.long, device=mask.device)
     real[-1] = spec.fan_in - (groups - 1) * m
     pattern = real if budget == spec.numel else real.clamp(max=n)
     active = rows.any(dim=1)

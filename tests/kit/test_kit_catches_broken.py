@@ -148,6 +148,26 @@ class TestBrokenComponents:
         assert check.__name__ in str(info.value)
 
 
+class TestFormatChecksOnADevice:
+    """The format checks take ``device``: the broken formats fail there too, and a device that
+    cannot be used is a failure naming it (CUDA runs are in ``tests/unit/test_cuda.py``)."""
+
+    @pytest.mark.parametrize(
+        ("check", "component", "match"),
+        [c for c in COMPONENT_CASES if c.values[0].__name__.startswith("check_format_")],
+    )
+    def test_broken_formats_fail_with_a_device(self, check, component, match):
+        with pytest.raises(AssertionError, match=match):
+            check(component, max_examples=CHEAP, device=torch.device("cpu"))
+
+    @pytest.mark.parametrize("device", ["no-such-device", "cuda:99"])
+    def test_unusable_device_is_named(self, device):
+        from sparsity_formats.csr import CSR
+
+        with pytest.raises(AssertionError, match=rf"device '{device}': cannot allocate there"):
+            check_format_round_trip(CSR(), max_examples=CHEAP, device=device)
+
+
 # -- whole methods: broken components inside a run, and a broken engine --------------------------
 
 RUN = RunSpec.build("mlp", 16, 16, 0, "sgd_momentum", 16)

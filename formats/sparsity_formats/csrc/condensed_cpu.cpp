@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -34,6 +36,24 @@
 #endif
 
 namespace {
+
+// ---- error messages -------------------------------------------------------------------------
+// Messages are built as one std::string (numbers through std::to_string) and handed to
+// TORCH_CHECK whole, so no iostream formats a number inside this library: built with GCC 13
+// against torch 2.11's CUDA wheel, streaming an int64 into a message crashed (SIGSEGV in
+// basic_ostream::_M_insert<long>) instead of raising.
+inline void append(std::string& s, const char* part) { s += part; }
+inline void append(std::string& s, const std::string& part) { s += part; }
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+inline void append(std::string& s, T part) {
+  s += std::to_string(part);
+}
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string s;
+  (append(s, parts), ...);
+  return s;
+}
 
 // ---- scalar conversions of stored values to float ------------------------------------------
 inline float to_float(float v) { return v; }
@@ -333,8 +353,9 @@ void with_index_type(const at::Tensor& cols, F&& f) {
     case at::kShort: return f(cols.const_data_ptr<int16_t>());
     case at::kInt: return f(cols.const_data_ptr<int32_t>());
     case at::kLong: return f(cols.const_data_ptr<int64_t>());
-    default: TORCH_CHECK(false, "condensed_linear: column indices must be uint8, int16, int32 "
-                                "or int64, got ", cols.scalar_type());
+    default:
+      TORCH_CHECK(false, message("condensed_linear: column indices must be uint8, int16, int32 "
+                                 "or int64, got ", c10::toString(cols.scalar_type())));
   }
 }
 
@@ -344,8 +365,9 @@ void with_value_type(const at::Tensor& values, F&& f) {
     case at::kFloat: return f(values.const_data_ptr<float>());
     case at::kBFloat16: return f(values.const_data_ptr<c10::BFloat16>());
     case at::kHalf: return f(values.const_data_ptr<c10::Half>());
-    default: TORCH_CHECK(false, "condensed_linear: values must be float32, bfloat16 or "
-                                "float16, got ", values.scalar_type());
+    default:
+      TORCH_CHECK(false, message("condensed_linear: values must be float32, bfloat16 or "
+                                 "float16, got ", c10::toString(values.scalar_type())));
   }
 }
 
@@ -362,16 +384,18 @@ at::Tensor condensed_linear(const at::Tensor& x, const at::Tensor& values, const
   const int64_t active = values.size(0), k = values.size(1);
   const bool all_rows = rows.numel() == 0 && active == out_features;
   TORCH_CHECK(all_rows || rows.numel() == active,
-              "condensed_linear: rows must list the ", active, " active neurons");
-  TORCH_CHECK(bias.numel() == 0 || bias.numel() == out_features, "condensed_linear: bias has ",
-              bias.numel(), " elements for ", out_features, " output neurons");
+              message("condensed_linear: rows must list the ", active, " active neurons"));
+  TORCH_CHECK(bias.numel() == 0 || bias.numel() == out_features,
+              message("condensed_linear: bias has ", bias.numel(), " elements for ",
+                      out_features, " output neurons"));
   const at::Tensor vals = values.contiguous();
   const at::Tensor idx = cols.contiguous();
   const at::Tensor rws = all_rows ? rows : rows.to(at::kLong).contiguous();
   const int64_t* rp = all_rows ? nullptr : rws.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < (all_rows ? 0 : active); ++i) {
-    TORCH_CHECK(rp[i] >= 0 && rp[i] < out_features, "condensed_linear: active row ", rp[i],
-                " is outside 0..", out_features - 1);
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < out_features,
+                message("condensed_linear: active row ", rp[i], " is outside 0..",
+                        out_features - 1));
   }
 
   at::Tensor y = at::empty({batch, out_features}, x.options().dtype(at::kFloat));

@@ -23,6 +23,7 @@ __all__ = [
     "PackedShape",
     "as_matrix",
     "compute_dtype",
+    "dense_linear",
     "fine_structure",
     "finish_output",
     "flatten_input",
@@ -119,6 +120,19 @@ def gather_matmul(x2d: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -
     table[:, :batch] = x2d.T
     bags = F.embedding_bag(cols, table, per_sample_weights=values, mode="sum")
     return bags[:, :batch].T
+
+
+def dense_linear(
+    dense: torch.Tensor, x2d: torch.Tensor, bias: torch.Tensor | None, lead: tuple[int, ...]
+) -> torch.Tensor:
+    """``F.linear`` on a weight unpacked for this call only, shaped ``[*lead, out]``.
+
+    The GPU path of the gather formats: on CUDA, one dense product (cuBLAS) on the weight
+    scattered back for the call beats the gathers at every batch size measured (see
+    ``benchmarks/bench_formats_cuda.py``); the dense weight is freed when the call returns.
+    """
+    out = F.linear(x2d, dense.reshape(dense.shape[0], -1), bias)
+    return out.reshape(*lead, dense.shape[0])
 
 
 def finish_output(

@@ -6,11 +6,17 @@ neuron's groups hold none; under ``pad=True`` the last, partial group of a row h
 ``min(N, real positions)``): its unused slots hold the value 0 at the sentinel position M.
 A fan-in that M does not divide is padded to whole groups, so padded N:M is supported.
 
-``linear`` is unpack-free: each kept value's column is ``group * M + position`` and the
-product is the same gather as ``condensed`` (``index_select`` at batch 1, a padded
-``embedding_bag`` otherwise; half types in float32 on CPU). On CUDA, 2:4 in float16/bfloat16
-uses ``torch.sparse.to_sparse_semi_structured`` (cached on the packed weight) when torch and
-the GPU accept the shapes, and falls back to the gather when they do not.
+``linear`` is unpack-free on the CPU and at batch 1 on CUDA: each kept value's column is
+``group * M + position`` and the product is the same gather as ``condensed`` (``index_select``
+at batch 1, a padded ``embedding_bag`` otherwise; half types in float32 on CPU). Larger batches
+on CUDA unpack the weight for the call and multiply it densely (cuBLAS), the fastest path
+measured on an H100.
+
+``semi_structured=True`` opts 2:4 in float16/bfloat16 on CUDA into torch's semi-structured
+kernel (``torch.sparse.to_sparse_semi_structured``, cached on the packed weight; where torch or
+the GPU refuse the shape, the paths above run). It is off by default: with torch 2.11 and
+cuSPARSELt 0.8 on an H100 each call took 0.5 to 1 ms, almost all of it host-side setup in
+``_cslt_sparse_mm``, slower than dense at every size measured (``bench_formats_cuda.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from ._common import (
     PackedShape,
     as_matrix,
     compute_dtype,
+    dense_linear,
     fine_structure,
     finish_output,
     flatten_input,
@@ -64,10 +71,17 @@ class NMWeight(PackedShape):
 
 @attrs.frozen
 class NMFormat:
-    """N:M semi-structured storage (2:4 by default); supports nm structures with the same N, M."""
+    """N:M semi-structured storage (2:4 by default); supports nm structures with the same N, M.
+
+    ``semi_structured``: on CUDA, compute 2:4 in float16/bfloat16 with torch's semi-structured
+    sparse kernel (off by default: slower than dense where measured, see the module docstring).
+    """
 
     n: int = attrs.field(default=2, validator=_group_size)
     m: int = attrs.field(default=4, validator=_group_size)
+    semi_structured: bool = attrs.field(
+        default=False, validator=attrs.validators.instance_of(bool), kw_only=True
+    )
 
     @m.validator
     def _n_le_m(self, attribute, value) -> None:
@@ -162,18 +176,21 @@ class NMFormat:
                     packed.semi = convert(dense)
             return F.linear(x2d, packed.semi, bias)
         except (RuntimeError, ValueError, NotImplementedError, TypeError):
-            packed.semi = False  # this shape or GPU is not supported: use the gather from now on
+            packed.semi = False  # this shape or GPU is not supported: the dense path from now on
             return None
 
     def linear(
         self, packed: NMWeight, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         x2d, lead = flatten_input("nm", x, packed.in_features, packed.values.dtype)
-        cuda_24 = x.is_cuda and (self.n, self.m) == (2, 4) and packed.m == 4
-        if cuda_24 and x.dtype in _SEMI_DTYPES and x2d.shape[0] > 0:
-            out = self._semi_structured(packed, x2d, bias)
-            if out is not None:
-                return out.reshape(*lead, packed.out_features)
+        if x.is_cuda:
+            semi = self.semi_structured and (self.n, self.m, packed.m) == (2, 4, 4)
+            if semi and x.dtype in _SEMI_DTYPES and x2d.shape[0] > 0:
+                out = self._semi_structured(packed, x2d, bias)
+                if out is not None:
+                    return out.reshape(*lead, packed.out_features)
+            if x2d.shape[0] != 1:
+                return dense_linear(self.unpack(packed), x2d, bias, lead)
         dtype = compute_dtype(packed.values)
         values = packed.values.reshape(packed.out_features, -1).to(dtype)
         rows_out = gather_matmul(x2d.to(dtype), self._columns(packed), values)

@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import sparsity_core as sc
@@ -84,3 +85,104 @@ def test_cuda_state_dict_loads_on_cpu():
     cpu = sc.DSTScheduler.from_state_dict(cpu_model, adam(cpu_model.parameters()), state)
     for fqn, mask in sched.masks.items():
         assert torch.equal(cpu.masks[fqn], mask.cpu())
+
+
+# --- storage formats and export on CUDA -------------------------------------------------------
+
+FORMATS = {
+    "dense_masked": {},
+    "csr": {},
+    "condensed": {},
+    "nm": {"n": 2, "m": 4},
+    "nm-semi_structured": {"n": 2, "m": 4, "semi_structured": True},
+}
+FORMAT_CHECKS = [
+    "check_format_round_trip",
+    "check_format_linear_matches_dense",
+    "check_format_keeps_live_zeros",
+    "check_format_rejects_unsupported",
+]
+
+
+@pytest.mark.parametrize("check", FORMAT_CHECKS)
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_format_checks_hold_on_cuda(name, check):
+    """The kit's format checks, with every tensor on the GPU (linear in float32 and bfloat16)."""
+    from sparsity_core import testing
+
+    kind = name.split("-")[0]
+    fmt = sc.get_registry().create(sc.ComponentType.FORMAT, kind, **FORMATS[name])
+    getattr(testing, check)(fmt, max_examples=40, device=DEVICE)
+
+
+def _mlp() -> nn.Sequential:
+    with torch.random.fork_rng(devices=[0]):
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)
+        ).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    ("preset", "density", "fmt"),
+    [("rigl", 0.1, "csr"), ("srigl", 0.1, "condensed"), ("nm_rigl", 0.5, "nm")],
+)
+def test_export_on_cuda_matches_and_loads_on_cpu(preset, density, fmt):
+    """A model trained on CUDA exports on CUDA (same outputs as the masked model, under
+    inference_mode too) and its state_dict loads into a CPU export of the same layout."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = sc.DSTScheduler(
+        model, opt, sc.preset(preset, density=density, delta_t=3), total_steps=12
+    )
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        opt.zero_grad()
+        model(torch.randn(16, 32, generator=gen).to(DEVICE)).square().mean().backward()
+        opt.step()
+        sched.step()
+    result = sc.export(model, sched, format=fmt)
+    x = torch.randn(5, 32, device=DEVICE)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        got = result.model(x)
+        again = result.model(x)  # the cached packed weight, built under inference_mode
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)
+    assert all(b.device.type == DEVICE for b in result.model.buffers())
+    buf = io.BytesIO()
+    torch.save(result.model.state_dict(), buf)
+    buf.seek(0)
+    cpu = result.model.to("cpu")
+    cpu.load_state_dict(torch.load(buf, weights_only=True))
+    torch.testing.assert_close(cpu(x.cpu()), expected.cpu(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0),
+    reason="torch's 2:4 semi-structured kernels need compute capability 8.0 or newer",
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nm_2_4_uses_semi_structured_kernel(dtype):
+    """On an Ampere-or-newer GPU, 2:4 in half types runs torch's semi-structured kernel when
+    asked (the cached weight is a SparseSemiStructuredTensor) and matches F.linear; by default
+    the dense path runs and nothing is cached."""
+    from sparsity_formats.nm import NMFormat
+    from sparsity_plugins.structure_nm import NM
+
+    shape = (256, 512)
+    gen = torch.Generator().manual_seed(0)
+    nm = NM()
+    spec = sc.LayerSpec("layer", shape)
+    empty = torch.zeros(shape, dtype=torch.bool)
+    mask = nm.fill(torch.rand(shape, generator=gen), empty, ~empty, nm.budget(spec, 0.5), spec)
+    weight = (torch.randn(shape, generator=gen) * mask).to(DEVICE, dtype)
+    x = torch.randn(64, shape[1], generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(shape[0], generator=gen).to(DEVICE, dtype)
+    for fmt in (NMFormat(), NMFormat(semi_structured=True)):
+        packed = fmt.pack(weight, mask.to(DEVICE))
+        out = fmt.linear(packed, x, bias)
+        semi = type(packed.semi).__name__.startswith("SparseSemiStructuredTensor")
+        assert semi is fmt.semi_structured
+        torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=2e-2, atol=2e-2)

@@ -228,7 +228,7 @@ class TestRules:
         mask = torch.zeros(64, 32, dtype=torch.bool)
         mask[:, ::4] = True  # 1:4
         result = export(model, {"0": mask}, format={"kind": "nm", "n": 1, "m": 4})
-        assert result.model[0].format_params == {"n": 1, "m": 4}
+        assert result.model[0].format_params == {"n": 1, "m": 4, "semi_structured": False}
         x = torch.randn(3, 32)
         with torch.no_grad():
             assert_close(result.model[0](x), F.linear(x, model[0].weight * mask, model[0].bias))

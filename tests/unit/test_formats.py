@@ -369,10 +369,12 @@ class TestNM:
             NMFormat(n=2, m=256)
 
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    @pytest.mark.parametrize("semi", [False, True])
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     @pytest.mark.parametrize("shape", [(128, 256), (6, 12)])
-    def test_cuda_2_4_matches_dense(self, dtype, shape):
-        """On CUDA, 2:4 (semi-structured where torch takes the shape) matches F.linear."""
+    def test_cuda_2_4_matches_dense(self, dtype, shape, semi):
+        """On CUDA, 2:4 (semi-structured when asked, where torch takes the shape) matches
+        F.linear."""
         spec = LayerSpec("layer", shape)
         scores = torch.rand(shape, generator=_generator(0))
         empty = torch.zeros(shape, dtype=torch.bool)
@@ -381,7 +383,7 @@ class TestNM:
         bias = torch.randn(shape[0], device="cuda", dtype=dtype)
         for batch in [(), (1,), (3,), (64,), (2, 5)]:
             x = torch.randn((*batch, shape[1]), device="cuda", dtype=dtype)
-            check_linear(NMFormat(), weight, mask, x, bias)
+            check_linear(NMFormat(semi_structured=semi), weight, mask, x, bias)
 
 
 class TestSupports:

@@ -331,7 +331,8 @@ class TestCheckpointValidation:
 class TestDistributedWrappers:
     def test_ddp_style_wrappers_are_unwrapped(self):
         """A model inside nn.DataParallel gets the same layer names and masks as the bare one."""
-        bare, wrapped = _mlp(), nn.DataParallel(_mlp())
+        wrapped = nn.DataParallel(_mlp())  # on a GPU machine, moves the model to cuda:0
+        bare = _mlp().to(next(wrapped.parameters()).device)
         config = sc.preset("rigl", delta_t=2)
         masks = [
             sc.DSTScheduler(m, torch.optim.SGD(m.parameters()), config, total_steps=20).masks

@@ -22,7 +22,7 @@ from .errors import (
     UnknownComponentError,
     UpdateError,
 )
-from .exporting import ExportResult, ExportSizeWarning, PackedLinear, export
+from .exporting import ExportResult, ExportSizeWarning, PackedConv, PackedLinear, export
 from .hookspecs import hookimpl, hookspec
 from .layers import LayerSpec
 from .protocols import (
@@ -63,6 +63,7 @@ __all__ = [
     "LayerSummary",
     "NoBuiltinsError",
     "OptimizerError",
+    "PackedConv",
     "PackedLinear",
     "PluginLoadError",
     "PruneCriterion",

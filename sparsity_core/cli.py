@@ -227,7 +227,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     rules = []
     for rule in args.rule or []:
         pattern, _, fmt = rule.partition("=")
-        rules.append((pattern, _format_arg(fmt)))
+        rules.append((pattern, None if fmt.lower() == "none" else _format_arg(fmt)))
     result = export(model, scheduler, format=_format_arg(args.format), rules=rules)
     print(result.format_report())
     out = Path(args.out) if args.out else path.with_name(path.stem + f".{args.format}.pt")
@@ -302,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="storage format: dense_masked, csr, condensed, nm (or nm:n=2,m=4)",
     )
     e.add_argument(
-        "--rule", action="append", metavar="PATTERN=FORMAT", help="per-layer format, first match"
+        "--rule",
+        action="append",
+        metavar="PATTERN=FORMAT",
+        help="per-layer format, first match; PATTERN is a layer name or class (Conv1d: "
+        "convolutions are packed only through a rule); FORMAT none keeps the layer dense",
     )
     e.add_argument("--out", help="where to write the exported state dict")
     e.set_defaults(func=cmd_export)

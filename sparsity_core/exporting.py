@@ -5,8 +5,12 @@ default, or per layer through ``rules``) and swaps in a :class:`PackedLinear` th
 ``fmt.linear(packed, x, bias)``. Its packed tensors are registered buffers, so the exported
 model's ``state_dict`` holds tensors only (it loads with ``torch.load(weights_only=True)``).
 
-Convolutions are not packed in this version: they stay dense, with their inactive weights zeroed,
-and the report lists them as skipped with the reason.
+``nn.Conv1d`` and ``nn.Conv2d`` layers (``groups=1``) that a rule names become
+:class:`PackedConv`, which unfolds the input into patches and runs the same ``fmt.linear`` on
+them: it saves the weight's bytes but ran slower than the dense convolution on the CPU layers
+measured, so convolutions are not packed by default. A convolution no rule names, a grouped
+one, or a layer whose rule says ``None`` stays dense with its inactive weights zeroed, and the
+report lists it as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import attrs
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import component_from_dict
@@ -31,6 +36,7 @@ __all__ = [
     "ExportResult",
     "ExportRow",
     "ExportSizeWarning",
+    "PackedConv",
     "PackedLinear",
     "SkippedLayer",
     "export",
@@ -179,6 +185,98 @@ class PackedLinear(nn.Module):
         )
 
 
+class PackedConv(PackedLinear):
+    """An inference ``Conv1d`` / ``Conv2d`` (``groups=1``) holding a packed weight.
+
+    ``forward`` pads the input as the convolution would (zeros, or its ``padding_mode``),
+    unfolds it into ``[batch, positions, C_in * prod(kernel)]`` patches, and computes
+    ``fmt.linear(packed, patches, bias)``: the packed weight's ``[out, -1]`` view, the fan-in in
+    ``(C_in, *kernel)`` order, is the one the structures grouped. Unbatched inputs are accepted
+    as by the convolution.
+
+    Args:
+        fmt, packed, bias, format_name, registry: as for :class:`PackedLinear`.
+        conv: the ``nn.Conv1d`` / ``nn.Conv2d`` whose geometry (kernel, stride, padding,
+            dilation, padding mode) is copied.
+    """
+
+    def __init__(
+        self,
+        fmt: Any,
+        packed: Any,
+        bias: torch.Tensor | None = None,
+        *,
+        conv: nn.Module,
+        format_name: str | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        if not isinstance(conv, nn.Conv1d | nn.Conv2d) or conv.groups != 1:
+            raise ConfigError(
+                f"PackedConv packs nn.Conv1d / nn.Conv2d layers with groups=1, got "
+                f"{type(conv).__name__}"
+                f"{f' with groups={conv.groups}' if hasattr(conv, 'groups') else ''}; keep "
+                f"that layer dense (export rule (name, None))."
+            )
+        super().__init__(fmt, packed, bias, format_name=format_name, registry=registry)
+        self.spatial = 2 if isinstance(conv, nn.Conv2d) else 1
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride = tuple(conv.stride)
+        self.dilation = tuple(conv.dilation)
+        self.padding_mode = conv.padding_mode
+        # (left, right) per spatial dim, last dim first (F.pad's order), as the conv pads.
+        pads: list[int] = []
+        for i in reversed(range(self.spatial)):
+            if conv.padding == "same":
+                total = self.dilation[i] * (self.kernel_size[i] - 1)
+                pads += [total // 2, total - total // 2]
+            elif conv.padding == "valid":
+                pads += [0, 0]
+            else:
+                pads += [conv.padding[i], conv.padding[i]]
+        self.pads = tuple(pads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batched = x.dim() == self.spatial + 2
+        if not batched and x.dim() != self.spatial + 1:
+            raise LayerError(
+                f"PackedConv ({type(self).__name__} of a Conv{self.spatial}d) expects a "
+                f"{self.spatial + 2}-D (batched) or {self.spatial + 1}-D input, got shape "
+                f"{tuple(x.shape)}."
+            )
+        if not batched:
+            x = x.unsqueeze(0)
+        if any(self.pads):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self.pads, mode=mode)
+        grid = x if self.spatial == 2 else x.unsqueeze(2)  # Conv1d as a 1 x k Conv2d
+        kernel, stride, dilation = (
+            (v if self.spatial == 2 else (1, *v))
+            for v in (self.kernel_size, self.stride, self.dilation)
+        )
+        patches = F.unfold(grid, kernel, dilation=dilation, stride=stride)
+        out = self.fmt.linear(self.packed, patches.transpose(1, 2), self.bias)
+        sizes = [
+            (grid.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+            for i in range(2)
+        ]
+        out = out.transpose(1, 2).reshape(x.shape[0], self.out_channels, *sizes)
+        if self.spatial == 1:
+            out = out.squeeze(2)
+        return out if batched else out.squeeze(0)
+
+    def extra_repr(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.format_params.items())
+        geometry = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.pads}, dilation={self.dilation}"
+        )
+        mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
+        return (
+            f"{geometry}{mode}, bias={self.bias is not None}, format={self.format_name}({params})"
+        )
+
+
 @attrs.frozen
 class ExportRow:
     """One packed layer: its format and weight bytes before and after packing."""
@@ -290,12 +388,13 @@ def _check_rules(rules: Sequence[Any]) -> list[tuple[str, Any]]:
 
 def _choose_format(
     fqn: str, module: nn.Module, rules: Sequence[tuple[str, Any]], default: Any
-) -> Any:
+) -> tuple[Any, bool]:
+    """The layer's format and whether a rule (rather than the default) chose it."""
     kind = type(module).__name__
     for pattern, fmt in rules:
         if fnmatch.fnmatchcase(fqn, pattern) or fnmatch.fnmatchcase(kind, pattern):
-            return fmt
-    return default
+            return fmt, True
+    return default, False
 
 
 def _make_format(value: Any, structures: Any, registry: Registry) -> Any:
@@ -338,7 +437,9 @@ def export(
     inplace: bool = False,
     registry: Registry | None = None,
 ) -> ExportResult:
-    """Replace every masked ``nn.Linear`` of ``model`` by a :class:`PackedLinear`.
+    """Replace every masked ``nn.Linear`` of ``model`` by a :class:`PackedLinear`, and every
+    masked ``nn.Conv1d`` / ``nn.Conv2d`` (``groups=1``) that a rule names by a
+    :class:`PackedConv`.
 
     Every layer is checked and packed before the model is copied or changed, so an error leaves
     ``model`` as it was.
@@ -351,7 +452,10 @@ def export(
             ``"dense_masked"``), a ``{"kind": name, **params}`` dict or an instance. Given by
             name with a scheduler, ``nm`` takes each layer's N:M.
         rules: ``(pattern, format)`` pairs; a pattern is fnmatched against the layer's name and
-            its class name (``"Linear"``); the first match wins, else ``format``.
+            its class name (``"Linear"``, ``"Conv2d"``); the first match wins, else ``format``.
+            The format ``None`` keeps a layer as it is (dense, inactive weights zeroed).
+            Convolutions take ``format`` only through a rule (``("Conv*", "condensed")``);
+            without one they stay dense.
         inplace: change ``model`` itself instead of a copy.
         registry: the component registry (default: the process-wide one).
     """
@@ -378,18 +482,26 @@ def export(
                 f"export: the mask of layer {fqn!r} has shape {tuple(mask.shape)} but its weight "
                 f"is {None if weight is None else tuple(weight.shape)}; pass the matching mask."
             )
-        if not isinstance(module, nn.Linear):
-            skipped.append(
-                SkippedLayer(
-                    fqn,
-                    kind,
-                    f"only Linear layers are packed in this version; {kind} kept dense with "
-                    f"its inactive weights zeroed",
-                )
+        chosen, by_rule = _choose_format(fqn, module, rules, format)
+        conv = isinstance(module, nn.Conv1d | nn.Conv2d)
+        reason = None
+        if chosen is None:
+            reason = "kept dense by the export rule (format None)"
+        elif conv and not by_rule:
+            reason = (
+                f"a convolution is packed only when a rule names it, e.g. rules=[({kind!r}, "
+                f"'condensed')]: packed, it runs as unfold + format.linear, slower than the "
+                f"dense convolution at the sizes measured"
             )
+        elif conv and module.groups != 1:
+            reason = f"a grouped convolution (groups={module.groups}) is not packed"
+        elif not conv and not isinstance(module, nn.Linear):
+            reason = f"only Linear, Conv1d and Conv2d layers are packed, not {kind}"
+        if reason is not None:
+            reason += "; kept dense with its inactive weights zeroed"
+            skipped.append(SkippedLayer(fqn, kind, reason))
             continue
         spec = LayerSpec.of(fqn, module)
-        chosen = _choose_format(fqn, module, rules, format)
         layer_structures = None if structures is None else structures[fqn]
         fmt = _make_format(chosen, layer_structures, registry)
         name = registry.name_of(ComponentType.FORMAT, fmt)
@@ -403,14 +515,17 @@ def export(
                 f"format for it with rules=[({fqn!r}, 'csr')])."
             ) from exc
         bias = module.bias.detach() if module.bias is not None else None
-        planned[fqn] = PackedLinear(
-            fmt,
-            packed,
-            bias,
-            format_name=name,
-            in_features=module.in_features,
-            out_features=module.out_features,
-        )
+        if conv:
+            planned[fqn] = PackedConv(fmt, packed, bias, format_name=name, conv=module)
+        else:
+            planned[fqn] = PackedLinear(
+                fmt,
+                packed,
+                bias,
+                format_name=name,
+                in_features=module.in_features,
+                out_features=module.out_features,
+            )
         report.append(
             ExportRow(
                 fqn,
@@ -426,7 +541,7 @@ def export(
         warnings.warn(
             f"export: packing does not save memory on {listed}: at this density the packed "
             f"weight (values plus indices) is no smaller than the dense one. Keep such a layer "
-            f"dense with rules=[({larger[0].fqn!r}, 'dense_masked')].",
+            f"dense with rules=[({larger[0].fqn!r}, None)].",
             ExportSizeWarning,
             stacklevel=2,
         )

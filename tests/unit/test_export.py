@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparsity_core import ConfigError, DSTScheduler, LayerError, preset
-from sparsity_core.exporting import ExportResult, ExportSizeWarning, PackedLinear, export
+from sparsity_core.exporting import (
+    ExportResult,
+    ExportSizeWarning,
+    PackedConv,
+    PackedLinear,
+    export,
+)
 
 # (preset, density, format): each format exported from a model trained under a matching preset.
 CASES = [
@@ -270,13 +276,13 @@ class TestReport:
         larger = [row for row in result.report if row.ratio >= 1]
         message = str(caught[0].message)
         assert larger and all(f"'{row.fqn}' (csr: " in message for row in larger)
-        assert f"rules=[('{larger[0].fqn}', 'dense_masked')]" in message
+        assert f"rules=[('{larger[0].fqn}', None)]" in message
         with warnings.catch_warnings():
             warnings.simplefilter("error", ExportSizeWarning)
             export(dense_ish, sched, format="dense_masked")  # the oracle format never warns
 
     def test_conv_layers_skipped_with_reason(self):
-        """Conv layers stay dense, masked, and are reported as skipped."""
+        """Conv layers no rule names stay dense, masked, and are reported as skipped."""
         torch.manual_seed(0)
         model = nn.Sequential(
             nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(24, 8), nn.ReLU(), nn.Linear(8, 3)
@@ -286,7 +292,7 @@ class TestReport:
         result = export(model, scheduler, format="csr")
         assert isinstance(result.model[0], nn.Conv1d)
         assert [(s.fqn, s.layer_type) for s in result.skipped] == [("0", "Conv1d")]
-        assert "Linear" in result.skipped[0].reason
+        assert "rules=[('Conv1d', 'condensed')]" in result.skipped[0].reason
         assert "skipped 0 (Conv1d)" in result.format_report()
         x = torch.randn(5, 2, 8)
         with torch.no_grad():
@@ -412,3 +418,158 @@ class TestEndToEnd:
         assert accuracy == (masked.argmax(1) == data.y_test).float().mean().item()
         assert accuracy > 0.8
         assert result.packed_bytes < result.dense_bytes / 3
+
+
+# --- convolutions ------------------------------------------------------------------------------
+
+
+def _conv_mask(weight_shape: tuple[int, ...], fmt: str, gen: torch.Generator) -> torch.Tensor:
+    """A mask each format stores: constant fan-in with an ablated row (condensed), 2:4 groups
+    along the flattened fan-in (nm; the last group may be short), any mask otherwise."""
+    out, fan_in = weight_shape[0], int(torch.tensor(weight_shape[1:]).prod())
+    scores = torch.rand(out, fan_in, generator=gen)
+    if fmt == "condensed":
+        k = max(1, fan_in // 3)
+        mask = torch.zeros(out, fan_in, dtype=torch.bool)
+        mask.scatter_(1, scores.topk(k, dim=1).indices, True)
+        mask[0] = False  # an ablated neuron: its output is the bias
+    elif fmt == "nm":
+        padded = -(-fan_in // 4) * 4
+        groups = F.pad(scores, (0, padded - fan_in), value=-1.0).reshape(out, -1, 4)
+        mask = torch.zeros_like(groups, dtype=torch.bool)
+        mask.scatter_(-1, groups.topk(2, dim=-1).indices, True)
+        mask = mask.reshape(out, padded)[:, :fan_in]
+    else:
+        mask = scores < 0.4
+    return mask.reshape(weight_shape)
+
+
+@st.composite
+def conv_layers(draw):
+    """A Conv1d or Conv2d with random geometry and an input it accepts."""
+    spatial = draw(st.sampled_from([1, 2]))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(spatial))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(spatial))
+    padding = draw(st.sampled_from(["int", "same", "valid"]))
+    stride = (1,) * spatial if padding == "same" else tuple(draw(st.integers(1, 2)) for _ in kernel)
+    pad = draw(st.integers(0, 2)) if padding == "int" else padding
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    extent = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
+    size = tuple(draw(st.integers(e + 2, e + 6)) for e in extent)  # > any padding (reflect)
+    cls = nn.Conv1d if spatial == 1 else nn.Conv2d
+    conv = cls(
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 6)),
+        kernel,
+        stride=stride,
+        padding=pad,
+        dilation=dilation,
+        bias=draw(st.booleans()),
+        padding_mode=mode,
+    )
+    lead = draw(st.sampled_from([(), (1,), (3,)]))  # () is an unbatched input
+    return conv, (*lead, conv.in_channels, *size)
+
+
+class TestConvolutions:
+    """Conv1d / Conv2d layers named by a rule become PackedConv and compute the masked conv."""
+
+    @pytest.mark.filterwarnings("ignore::sparsity_core.exporting.ExportSizeWarning")
+    @settings(max_examples=60, deadline=None)
+    @given(
+        layer=conv_layers(),
+        fmt=st.sampled_from(["dense_masked", "csr", "condensed", "nm"]),
+        seed=st.integers(0, 2**16),
+    )
+    def test_packed_conv_matches_the_masked_conv(self, layer, fmt, seed):
+        """Any geometry (stride, dilation, int/'same'/'valid' padding, every padding mode,
+        batched or not) and format: the packed conv equals the conv on the masked weight."""
+        conv, input_shape = layer
+        gen = torch.Generator().manual_seed(seed)
+        mask = _conv_mask(tuple(conv.weight.shape), fmt, gen)
+        result = export(nn.Sequential(conv), {"0": mask}, rules=[("Conv*", fmt)])
+        packed = result.model[0]
+        assert isinstance(packed, PackedConv) and not result.skipped
+        x = torch.randn(input_shape, generator=gen)
+        with torch.no_grad():
+            conv.weight.mul_(mask)
+            expected = conv(x)
+        with torch.inference_mode():
+            got = packed(x)
+        assert got.shape == expected.shape
+        assert_close(got, expected)
+
+    def test_trained_srigl_cnn_exports_and_reloads(self):
+        """A CNN trained under SRigL: its convolutions packed as condensed give the same
+        outputs, survive a state_dict round trip, and save bytes."""
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv1d(2, 16, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(16, 32, 3, stride=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * 7, 4),
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        sched = DSTScheduler(model, opt, preset("srigl", density=0.2, delta_t=3), total_steps=15)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(15):
+            opt.zero_grad()
+            x = torch.randn(8, 2, 16, generator=gen)
+            F.cross_entropy(model(x), torch.randint(0, 4, (8,), generator=gen)).backward()
+            opt.step()
+            sched.step()
+        result = export(model, sched, rules=[("Conv1d", "condensed")])
+        assert [type(m).__name__ for m in result.model if hasattr(m, "fmt")] == [
+            "PackedConv",
+            "PackedConv",
+            "PackedLinear",
+        ]
+        assert all(row.ratio < 1 for row in result.report)
+        assert result.packed_bytes < 0.5 * result.dense_bytes
+        x = torch.randn(5, 2, 16, generator=gen)
+        with torch.no_grad():
+            expected = model(x)
+        assert_close(result.model(x), expected)
+        buf = io.BytesIO()
+        torch.save(result.model.state_dict(), buf)
+        buf.seek(0)
+        masks = {fqn: layer.mask.clone() for fqn, layer in sched.layers.items()}
+        fresh = export(copy_of(model), masks, rules=[("Conv1d", "condensed")]).model
+        fresh.load_state_dict(torch.load(buf, weights_only=True))
+        assert torch.equal(fresh(x), result.model(x))
+
+    def test_grouped_conv_and_none_rule_stay_dense(self):
+        """A grouped conv is skipped with its reason; a rule of None keeps any layer dense."""
+        model = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(8, 2))
+        masks = {"0": torch.rand(4, 2, 3) < 0.5, "2": torch.rand(2, 8) < 0.5}
+        result = export(model, masks, rules=[("Conv1d", "csr"), ("2", None)])
+        assert [(s.fqn, s.layer_type) for s in result.skipped] == [("0", "Conv1d"), ("2", "Linear")]
+        assert "groups=2" in result.skipped[0].reason
+        assert "format None" in result.skipped[1].reason
+        assert isinstance(result.model[2], nn.Linear)
+        assert torch.equal(result.model[2].weight, model[2].weight.detach() * masks["2"])
+        with pytest.raises(ConfigError, match="groups=2"):
+            PackedConv(None, None, conv=model[0])
+
+    @pytest.mark.filterwarnings("ignore::sparsity_core.exporting.ExportSizeWarning")
+    def test_wrong_input_rank_is_named(self):
+        """A 2-D input to a packed Conv1d is a LayerError naming the expected ranks."""
+        conv = nn.Conv1d(2, 3, 3)
+        packed = export(
+            nn.Sequential(conv), {"0": torch.ones(3, 2, 3, dtype=torch.bool)}, rules=[("*", "csr")]
+        ).model[0]
+        with pytest.raises(LayerError, match=r"3-D \(batched\) or 2-D input"):
+            packed(torch.randn(4, 5, 6, 7))
+
+
+def copy_of(model: nn.Module) -> nn.Module:
+    """A same-architecture model with other weights (so loading is what makes it equal)."""
+    import copy
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_()
+    return other

@@ -6,13 +6,13 @@ paths where a GPU is present. For each layer shape, dtype and batch it times one
 call (``y = x @ W.T + b``) of:
 
 * ``F.linear``          dense, on ``W * mask`` (cuBLAS; tensor cores in half types);
-* ``nm``                the ``nm`` format (2:4, 50%) as it runs by default on CUDA: the weight
-  unpacked for the call, then ``F.linear``;
+* ``nm``                the ``nm`` format (2:4, 50%) as it runs by default on CUDA: the gather
+  at batch 1, otherwise the weight unpacked for the call, then ``F.linear``;
 * ``nm semi``           ``nm`` with ``semi_structured=True``: torch's 2:4 kernel (cuSPARSELt) in
   float16/bfloat16 (float32: the default path);
 * ``nm gather``         the CPU's gather path run on CUDA (``gather_matmul``), for comparison;
 * ``condensed``         the ``condensed`` format at 90% (constant fan-in), default CUDA path
-  (unpacked for the call);
+  (the gather at batch 1, unpacked for the call otherwise);
 * ``condensed gather``  the gather path on CUDA, for comparison;
 * ``csr``               the ``csr`` format at 90%, default CUDA path (cuSPARSE ``mv`` at batch
   1, unpacked for the call otherwise);
@@ -24,7 +24,7 @@ speed-up is dense time / format time from the same run (> 1: the format is faste
 2:4 mask and at the 90% mask cost the same (cuBLAS does not skip zeros), so one dense entry
 serves both.
 
-    python benchmarks/bench_formats_cuda.py            # full grid, about 5 minutes on an H100
+    python benchmarks/bench_formats_cuda.py            # full grid, 1-2 minutes on an H100
     python benchmarks/bench_formats_cuda.py --quick    # (4096, 4096), batch 1 and 256
 """
 

@@ -185,14 +185,19 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def _format_arg(text: str) -> Any:
-    """``name`` or ``name:key=value,key=value`` (e.g. ``nm:n=2,m=4``)."""
+    """``name`` or ``name:key=value,key=value`` (e.g. ``nm:n=2,m=4,semi_structured=true``)."""
     name, _, params = text.partition(":")
     if not params:
         return name
     spec: dict[str, Any] = {"kind": name}
     for item in params.split(","):
         key, _, value = item.partition("=")
-        spec[key] = int(value) if value.lstrip("-").isdigit() else value
+        if value.lstrip("-").isdigit():
+            spec[key] = int(value)
+        elif value.lower() in ("true", "false"):
+            spec[key] = value.lower() == "true"
+        else:
+            spec[key] = value
     return spec
 
 
@@ -305,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rule",
         action="append",
         metavar="PATTERN=FORMAT",
-        help="per-layer format, first match; PATTERN is a layer name or class (Conv1d: "
-        "convolutions are packed only through a rule); FORMAT none keeps the layer dense",
+        help="per-layer format, first match; PATTERN is fnmatched against layer names and class "
+        "names (e.g. 'Conv*': convolutions are packed only when a rule names them); FORMAT "
+        "'none' keeps the layer dense",
     )
     e.add_argument("--out", help="where to write the exported state dict")
     e.set_defaults(func=cmd_export)

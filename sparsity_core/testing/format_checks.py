@@ -127,13 +127,20 @@ def _round_trip(
     packed = _call(check, fmt, where, "pack()", lambda: fmt.pack(weight, mask))
     out = _call(check, fmt, where, "unpack()", lambda: fmt.unpack(packed))
     expected = weight.masked_fill(~mask, 0)
-    if not isinstance(out, torch.Tensor) or out.shape != weight.shape or out.dtype != weight.dtype:
+    if (
+        not isinstance(out, torch.Tensor)
+        or out.shape != weight.shape
+        or out.dtype != weight.dtype
+        or out.device != weight.device
+    ):
         got = (type(out).__name__, getattr(out, "shape", None), getattr(out, "dtype", None))
+        got += (getattr(out, "device", None),)
         _fail(
             check,
             fmt,
             where,
-            f"unpack() returned {got}, not a {weight.dtype} tensor of the weight's shape",
+            f"unpack() returned {got}, not a {weight.dtype} tensor of the weight's shape on "
+            f"{weight.device}",
         )
     if not torch.equal(out, expected):
         wrong = int((out != expected).sum())
@@ -178,9 +185,15 @@ def _assert_close(
         not isinstance(out, torch.Tensor)
         or out.shape != expected.shape
         or out.dtype != expected.dtype
+        or out.device != expected.device
     ):
-        got = (getattr(out, "shape", None), getattr(out, "dtype", None))
-        _fail(check, fmt, where, f"linear() returned {got}, not {(expected.shape, expected.dtype)}")
+        got = (
+            getattr(out, "shape", None),
+            getattr(out, "dtype", None),
+            getattr(out, "device", None),
+        )
+        wanted = (expected.shape, expected.dtype, expected.device)
+        _fail(check, fmt, where, f"linear() returned {got}, not {wanted}")
     scale = F.linear(x.double().abs(), dense.double().abs(), None)
     if bias is not None:
         scale = scale + bias.double().abs()

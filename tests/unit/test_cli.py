@@ -148,6 +148,27 @@ class TestExportCommand:
         exported = torch.load(tmp_path / "srigl-seed0.condensed.pt", weights_only=True)
         assert exported["format"] == "condensed"
         assert any(key.endswith("values") for key in exported["model"])
+        # A rule of none keeps a layer dense: reported as skipped, its weight saved as is.
+        out_file = tmp_path / "kept.pt"
+        argv = ["export", str(ckpt), "--rule", "0=none", "--out", str(out_file)]
+        assert main(argv) == 0
+        assert "skipped 0 (Linear): its format is None" in capsys.readouterr().out
+        kept = torch.load(out_file, weights_only=True)
+        assert kept["rules"] == ["0=none"] and "0.weight" in kept["model"]
+        assert "0.values" not in kept["model"] and "2.values" in kept["model"]
+
+    def test_format_parameters_parse_ints_and_booleans(self):
+        """`nm:n=2,m=4,semi_structured=true` gives ints and a bool; other values stay text."""
+        from sparsity_core.cli import _format_arg
+
+        assert _format_arg("nm:n=2,m=4,semi_structured=true") == {
+            "kind": "nm",
+            "n": 2,
+            "m": 4,
+            "semi_structured": True,
+        }
+        assert _format_arg("csr") == "csr"
+        assert _format_arg("x:mode=False,name=abc")["mode"] is False
 
     def test_dense_checkpoint_is_refused(self, tmp_path, capsys):
         """The dense baseline's checkpoint has no masks: a clear error, exit code 2."""

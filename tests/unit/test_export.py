@@ -292,7 +292,7 @@ class TestReport:
         result = export(model, scheduler, format="csr")
         assert isinstance(result.model[0], nn.Conv1d)
         assert [(s.fqn, s.layer_type) for s in result.skipped] == [("0", "Conv1d")]
-        assert "rules=[('Conv1d', 'condensed')]" in result.skipped[0].reason
+        assert "rules=[('Conv1d', 'csr')]" in result.skipped[0].reason
         assert "skipped 0 (Conv1d)" in result.format_report()
         x = torch.randn(5, 2, 8)
         with torch.no_grad():
@@ -452,7 +452,10 @@ def conv_layers(draw):
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(spatial))
     padding = draw(st.sampled_from(["int", "same", "valid"]))
     stride = (1,) * spatial if padding == "same" else tuple(draw(st.integers(1, 2)) for _ in kernel)
-    pad = draw(st.integers(0, 2)) if padding == "int" else padding
+    # An int, or one value per dimension (so padding the wrong dimension is caught).
+    pad = padding
+    if padding == "int":
+        pad = draw(st.one_of(st.integers(0, 2), st.tuples(*(st.integers(0, 2) for _ in kernel))))
     mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
     extent = [d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True)]
     size = tuple(draw(st.integers(e + 2, e + 6)) for e in extent)  # > any padding (reflect)
@@ -541,27 +544,37 @@ class TestConvolutions:
         assert torch.equal(fresh(x), result.model(x))
 
     def test_grouped_conv_and_none_rule_stay_dense(self):
-        """A grouped conv is skipped with its reason; a rule of None keeps any layer dense."""
+        """A grouped conv is skipped with its reason; a rule of None keeps any layer dense;
+        both are masked."""
+        torch.manual_seed(0)
         model = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(8, 2))
         masks = {"0": torch.rand(4, 2, 3) < 0.5, "2": torch.rand(2, 8) < 0.5}
         result = export(model, masks, rules=[("Conv1d", "csr"), ("2", None)])
         assert [(s.fqn, s.layer_type) for s in result.skipped] == [("0", "Conv1d"), ("2", "Linear")]
         assert "groups=2" in result.skipped[0].reason
-        assert "format None" in result.skipped[1].reason
-        assert isinstance(result.model[2], nn.Linear)
+        assert "format is None" in result.skipped[1].reason
+        assert isinstance(result.model[0], nn.Conv1d) and isinstance(result.model[2], nn.Linear)
+        assert torch.equal(result.model[0].weight, model[0].weight.detach() * masks["0"])
         assert torch.equal(result.model[2].weight, model[2].weight.detach() * masks["2"])
         with pytest.raises(ConfigError, match="groups=2"):
             PackedConv(None, None, conv=model[0])
 
     @pytest.mark.filterwarnings("ignore::sparsity_core.exporting.ExportSizeWarning")
-    def test_wrong_input_rank_is_named(self):
-        """A 2-D input to a packed Conv1d is a LayerError naming the expected ranks."""
+    def test_wrong_input_is_named(self):
+        """A 4-D input, or one with the wrong channel count, to a packed Conv1d is a LayerError
+        naming the layer and the shapes it takes."""
         conv = nn.Conv1d(2, 3, 3)
         packed = export(
             nn.Sequential(conv), {"0": torch.ones(3, 2, 3, dtype=torch.bool)}, rules=[("*", "csr")]
         ).model[0]
-        with pytest.raises(LayerError, match=r"3-D \(batched\) or 2-D input"):
+        accepted = (
+            r"Conv1d\(2, 3, kernel_size=\(3,\)\) expects an input \[batch, 2, L\] or \[2, L\]"
+        )
+        with pytest.raises(LayerError, match=accepted + r", got shape \(4, 5, 6, 7\)"):
             packed(torch.randn(4, 5, 6, 7))
+        with pytest.raises(LayerError, match=accepted + r", got shape \(4, 5, 6\)"):
+            packed(torch.randn(4, 5, 6))
+        assert (packed.in_features, packed.out_features) == (6, 3)
 
 
 def copy_of(model: nn.Module) -> nn.Module:

@@ -367,6 +367,8 @@ class TestNM:
             NMFormat(n=3, m=2)
         with pytest.raises(ConfigError, match=r"\[1, 255\]"):
             NMFormat(n=2, m=256)
+        with pytest.raises(ConfigError, match=r"nm.semi_structured='yes' must be True or False"):
+            NMFormat(semi_structured="yes")
 
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
     @pytest.mark.parametrize("semi", [False, True])

@@ -156,12 +156,16 @@ class PackedLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._packed = None
 
-    def extra_repr(self) -> str:
+    def _format_repr(self) -> str:
+        """``bias=..., format=name(params)``: the tail of both modules' ``extra_repr``."""
         params = ", ".join(f"{k}={v!r}" for k, v in self.format_params.items())
+        return f"bias={self.bias is not None}, format={self.format_name}({params})"
+
+    def extra_repr(self) -> str:
         meta = "".join(f", {k}={v!r}" for k, v in self._meta.items() if k != "shape")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, format={self.format_name}({params}){meta}"
+            f"{self._format_repr()}{meta}"
         )
 
 
@@ -258,12 +262,9 @@ class PackedConv(PackedLinear):
         return out if batched else out.squeeze(0)
 
     def extra_repr(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.format_params.items())
         geometry = (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.pads}, dilation={self.dilation}"
         )
         mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
-        return (
-            f"{geometry}{mode}, bias={self.bias is not None}, format={self.format_name}({params})"
-        )
+        return f"{geometry}{mode}, {self._format_repr()}"

@@ -133,8 +133,8 @@ def _round_trip(
         or out.dtype != weight.dtype
         or out.device != weight.device
     ):
-        got = (type(out).__name__, getattr(out, "shape", None), getattr(out, "dtype", None))
-        got += (getattr(out, "device", None),)
+        got = tuple(getattr(out, a, None) for a in ("shape", "dtype", "device"))
+        got = (type(out).__name__, *got)
         _fail(
             check,
             fmt,
@@ -187,11 +187,7 @@ def _assert_close(
         or out.dtype != expected.dtype
         or out.device != expected.device
     ):
-        got = (
-            getattr(out, "shape", None),
-            getattr(out, "dtype", None),
-            getattr(out, "device", None),
-        )
+        got = tuple(getattr(out, a, None) for a in ("shape", "dtype", "device"))
         wanted = (expected.shape, expected.dtype, expected.device)
         _fail(check, fmt, where, f"linear() returned {got}, not {wanted}")
     scale = F.linear(x.double().abs(), dense.double().abs(), None)

@@ -1,12 +1,13 @@
 """The compiled CPU kernels of the packed formats: built on first use, cached, optional.
 
-``condensed_linear()`` returns the compiled operator ``torch.ops.sparsity_formats.condensed_linear``
-or ``None``. The first call in a process compiles ``csrc/condensed_cpu.cpp`` as a torch C++
-extension (gcc/g++ and ninja from the system, torch's own headers; about 65-70 s on two cores
-here) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``); later processes load the cached library in well under a
-second. The build is keyed by the source, the flags and the CPU's vector capability, so a
-change to any of them rebuilds.
+``condensed_linear()`` returns the compiled function, or ``None``. It is a Python binding of the
+kernel (the same kernel is also registered as the operator
+``torch.ops.sparsity_formats.condensed_linear``, for TorchScript). The first call in a process
+compiles ``csrc/condensed_cpu.cpp`` as a torch C++ extension (gcc/g++ and ninja from the
+system, torch's own headers; about 70-80 s on two cores here) into torch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``); later processes load the
+cached library in well under a second. The build is keyed by the source, the flags and the
+CPU's vector capability, so a change to any of them rebuilds.
 
 When the build fails (no compiler, no ninja, a non-x86 CPU without the flags, ...) the formats
 fall back to their pure-PyTorch kernels, which give the same results, and one
@@ -62,17 +63,18 @@ def _build() -> None:
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
     name = f"sparsity_formats_{capability}_{digest}"
     start = time.perf_counter()
-    load(
+    module = load(
         name=name,
         sources=[str(_SOURCE)],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
-        is_python_module=False,
+        is_python_module=True,
         verbose=False,
     )
     _state["seconds"] = time.perf_counter() - start
-    # The overload itself: calling it skips the packet's overload resolution (a few us a call).
-    _state["op"] = torch.ops.sparsity_formats.condensed_linear.default
+    # The module's binding, not torch.ops.sparsity_formats.condensed_linear: the operator's
+    # boxed dispatch cost about 5 us more a call here (a twelfth of a batch-1 (3072, 768) layer).
+    _state["op"] = module.condensed_linear
 
 
 def _ensure() -> None:

@@ -6,9 +6,10 @@ active inputs; a neuron with none is ablated, holds nothing, and outputs exactly
 weights are stored as their ``[out, -1]`` view (see :mod:`sparsity_formats._common`).
 
 ``linear`` computes only the active neurons. On CPU it uses the compiled kernel of
-:mod:`sparsity_formats._native` (one fused operator: gathered dot products at batch 1, register
-tiles over the transposed input for larger batches, bias and ablated rows written directly,
-the narrow indices read as stored) for float32, bfloat16 and float16; elsewhere, or when the
+:mod:`sparsity_formats._native` (one fused call: gathered dot products at batch 1, two rows at a
+time while the weight fits in cache, register tiles over the transposed input for larger
+batches, bias and ablated rows written directly, the narrow indices read as stored) for
+float32, bfloat16 and float16, without autograd; elsewhere, or when the
 kernel cannot be built, a pure-PyTorch path gathers the inputs (``index_select`` at batch 1, a
 padded ``embedding_bag`` for larger batches) and scatters the active rows into the output. On
 CPU, float16 and bfloat16 are computed in float32 and cast back. On CUDA, batch 1 runs the
@@ -157,31 +158,32 @@ class Condensed:
         ):
             args = packed.kernel_args = _kernel_args(packed)
         values, indices, _, rows, in_features, out_features, native_dtype = args
-        if x.dim() != 2 and x.dim() > 0 and x.shape[-1] == in_features:
-            out = self.linear(packed, x.reshape(-1, in_features), bias)
-            return out.reshape(*x.shape[:-1], out_features)
-        # The compiled kernel (the inference fast path: at batch 1 the Python around the
-        # operator is a measurable share of the call, so the checks are kept to these): CPU,
-        # a dtype it reads, and no autograd graph to record.
+        # The compiled kernel (the inference fast path: at batch 1 the Python around it is a
+        # measurable share of the call, so the binding itself checks that it applies: x
+        # [batch, in_features] on the CPU in the values' dtype, no autograd graph to record;
+        # None otherwise).
         if (
             self.native
             and native_dtype
-            and x.dtype is values.dtype
-            and x.is_cpu
-            and x.dim() == 2
-            and x.shape[1] == in_features
-            and not (
-                torch.is_grad_enabled()
-                and (
-                    x.requires_grad
-                    or values.requires_grad
-                    or (bias is not None and bias.requires_grad)
+            and isinstance(x, torch.Tensor)
+            and (op := _native.condensed_linear()) is not None
+            and (
+                out := op(
+                    x,
+                    values,
+                    indices,
+                    rows,
+                    _EMPTY_BIAS if bias is None else bias,
+                    in_features,
+                    out_features,
                 )
             )
-            and (op := _native.condensed_linear())
+            is not None
         ):
-            out = op(x, values, indices, rows, _EMPTY_BIAS if bias is None else bias, out_features)
-            return out if x.dtype is torch.float32 else out.to(x.dtype)
+            return out
+        if x.dim() != 2 and x.dim() > 0 and x.shape[-1] == in_features:
+            out = self.linear(packed, x.reshape(-1, in_features), bias)
+            return out.reshape(*x.shape[:-1], out_features)
         x2d, lead = flatten_input("condensed", x, in_features, values.dtype)
         if x.is_cuda and x2d.shape[0] != 1:
             return dense_linear(self.unpack(packed), x2d, bias, lead)

@@ -61,6 +61,29 @@ def test_native_matches_torch_path_and_dense(in_features, batch, ablated):
 
 
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
+@pytest.mark.parametrize("k", [1, 3, 4, 5, 8, 12, 19])  # each of the dot product's loops
+@pytest.mark.parametrize("rows", [1, 6, 7])  # paired rows, and one left over
+def test_batch_one_dot_products(k, rows):
+    weight, mask = _layer(rows, 40, k=k, ablated=0)
+    x, bias = torch.randn(1, 40), torch.randn(rows)
+    with torch.no_grad():
+        got = Condensed().linear(Condensed().pack(weight, mask), x, bias)
+    torch.testing.assert_close(got, F.linear(x, weight * mask, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
+def test_batch_one_on_a_weight_too_large_to_pair_rows():
+    """Above kPairedBytes (4 MiB of values and indices) the kernel takes one row at a time."""
+    weight, mask = _layer(1025, 4000, k=700, ablated=2)  # 1023 x 700 x (4 + 2) bytes: 4.3 MB
+    x, bias = torch.randn(1, 4000), torch.randn(1025)
+    packed = Condensed().pack(weight, mask)
+    assert Condensed().nbytes(packed) > 4 << 20
+    with torch.no_grad():
+        got = Condensed().linear(packed, x, bias)
+    torch.testing.assert_close(got, F.linear(x, weight * mask, bias), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 9])
 def test_native_half_types(dtype, batch):
@@ -81,9 +104,11 @@ def test_native_used_only_without_autograd(monkeypatch):
     if real is None:
         pytest.skip("compiled kernel unavailable")
 
-    def spy(*args):
-        calls.append(args)
-        return real(*args)
+    def spy(*args):  # records the calls the kernel computed (None: it did not apply)
+        out = real(*args)
+        if out is not None:
+            calls.append(args)
+        return out
 
     monkeypatch.setattr(_native, "condensed_linear", lambda: spy)
     weight, mask = _layer(8, 20, k=5, ablated=2)
@@ -126,13 +151,38 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, fresh_state):
 
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
 def test_kernel_rejects_inconsistent_arguments():
-    op = _native.condensed_linear()
+    binding = _native.condensed_linear()
+    operator = torch.ops.sparsity_formats.condensed_linear.default  # registered by the build
     values = torch.randn(3, 2)
     cols = torch.zeros(3, 2, dtype=torch.int16)
     x = torch.randn(1, 4)
-    with pytest.raises(RuntimeError, match="outside"):
-        op(x, values, cols, torch.tensor([0, 1, 9]), torch.empty(0), 5)
-    with pytest.raises(RuntimeError, match="bias has 2 elements"):
-        op(x, values, cols, torch.tensor([0, 1, 2]), torch.randn(2), 5)
-    with pytest.raises(RuntimeError, match="rows must list"):
-        op(x, values, cols, torch.tensor([0, 1]), torch.empty(0), 5)
+    cases = [
+        ("outside", torch.tensor([0, 1, 9]), torch.empty(0)),
+        ("bias has 2 elements", torch.tensor([0, 1, 2]), torch.randn(2)),
+        ("rows must list", torch.tensor([0, 1]), torch.empty(0)),
+    ]
+    for match, rows, bias in cases:
+        with pytest.raises(RuntimeError, match=match) as raised:
+            binding(x, values, cols, rows, bias, 4, 5)
+        assert "Exception raised from" not in str(raised.value)  # the message, no C++ trace
+        with pytest.raises(RuntimeError, match=match):
+            operator(x, values, cols, rows, bias, 5)
+
+
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
+def test_binding_declines_what_the_kernel_does_not_compute():
+    """None (the caller's PyTorch path) for inputs the kernel does not take; else the output."""
+    binding = _native.condensed_linear()
+    weight, mask = _layer(6, 10, k=3, ablated=1)
+    packed = Condensed().pack(weight, mask)
+    args = (packed.values, packed.indices, packed.active_rows, torch.empty(0))
+    x = torch.randn(2, 10)
+    torch.testing.assert_close(binding(x, *args, 10, 6), F.linear(x, weight * mask))
+    assert binding(x, *args, 11, 6) is None  # x is not [batch, in_features]
+    assert binding(torch.randn(10), *args, 10, 6) is None  # not 2-D
+    assert binding(x.double(), *args, 10, 6) is None  # not the values' dtype
+    assert binding(x.requires_grad_(), *args, 10, 6) is None  # a graph to record
+    with torch.no_grad():
+        assert binding(x, *args, 10, 6) is not None
+    as_int = (packed.values.int(), *args[1:])
+    assert binding(x.int(), *as_int, 10, 6) is None  # a dtype the kernel does not read

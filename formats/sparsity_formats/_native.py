@@ -1,8 +1,8 @@
 """The compiled CPU kernels of the packed formats: built on first use, cached, optional.
 
 ``condensed_linear()`` returns the compiled function, or ``None``. It is a Python binding of the
-kernel (the same kernel is also registered as the operator
-``torch.ops.sparsity_formats.condensed_linear``, for TorchScript). The first call in a process
+kernel, which is also registered as the operator ``torch.ops.sparsity_formats.condensed_linear``
+(for code that must go through the dispatcher). The first call in a process
 compiles ``csrc/condensed_cpu.cpp`` as a torch C++ extension (gcc/g++ and ninja from the
 system, torch's own headers; about 70-80 s on two cores here) into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``); later processes load the
@@ -100,7 +100,16 @@ def _ensure() -> None:
 
 
 def condensed_linear() -> Any | None:
-    """The compiled condensed operator, or ``None`` (disabled, or it could not be built).
+    """The compiled condensed kernel, or ``None`` (disabled, or it could not be built).
+
+    It is called as ``f(x, values, cols, rows, bias, in_features, out_features)``: ``x``
+    ``[batch, in_features]``; ``values`` and ``cols`` ``[active, k]``; ``rows`` the active output
+    neurons (int64), or empty when every neuron is active; ``bias`` ``[out_features]`` or empty.
+    It returns ``y`` in ``x``'s dtype, or ``None`` where the kernel does not apply (another
+    shape, device or dtype, an autograd graph to record, tracing, vmap, a dispatch mode or a
+    tensor subclass), and the caller then computes the product itself. The operator
+    ``torch.ops.sparsity_formats.condensed_linear(x, values, cols, rows, bias, out_features)``
+    (float32 output, no such checks) is registered by the same build.
 
     ``SPARSITY_CORE_NATIVE`` is read once, at the first call in the process (reading the
     environment on every call cost about 2.5 us of a 100 us batch-1 layer).

@@ -182,7 +182,27 @@ def test_binding_declines_what_the_kernel_does_not_compute():
     assert binding(torch.randn(10), *args, 10, 6) is None  # not 2-D
     assert binding(x.double(), *args, 10, 6) is None  # not the values' dtype
     assert binding(x.requires_grad_(), *args, 10, 6) is None  # a graph to record
+    needs_grad = packed.values.clone().requires_grad_()
+    assert binding(x.detach(), needs_grad, *args[1:], 10, 6) is None
+    assert binding(x.detach(), *args[:3], torch.zeros(6, requires_grad=True), 10, 6) is None
     with torch.no_grad():
         assert binding(x, *args, 10, 6) is not None
     as_int = (packed.values.int(), *args[1:])
     assert binding(x.int(), *as_int, 10, 6) is None  # a dtype the kernel does not read
+
+
+def test_traced_and_vmapped_calls_take_the_pytorch_path():
+    """torch.jit.trace and vmap go through the dispatcher, which the compiled binding skips:
+    the binding declines, and the trace records (vmap batches) the PyTorch gather instead."""
+    weight, mask = _layer(6, 10, k=3, ablated=1)
+    fmt, bias = Condensed(), torch.randn(6)
+    packed = fmt.pack(weight, mask)
+
+    def layer(x):
+        return fmt.linear(packed, x, bias)
+
+    traced = torch.jit.trace(layer, torch.randn(2, 10), check_trace=False)
+    x = torch.randn(2, 10)
+    torch.testing.assert_close(traced(x), F.linear(x, weight * mask, bias))
+    xs = torch.randn(4, 10)
+    torch.testing.assert_close(torch.func.vmap(layer)(xs), F.linear(xs, weight * mask, bias))

@@ -19,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/csrc/utils/pybind.h>
@@ -138,8 +139,13 @@ inline float gathered_dot(const V* v, const I* c, const float* x, int64_t k) {
   }
   total = hsum4(_mm_add_ps(a0, a1));
 #endif
-  for (; j < k; ++j) total += to_float(v[j]) * x[c[j]];
-  return total;
+  float s0 = 0.f, s1 = 0.f;  // two chains: without AVX2 this loop is the whole row
+  for (; j + 2 <= k; j += 2) {
+    s0 += to_float(v[j]) * x[c[j]];
+    s1 += to_float(v[j + 1]) * x[c[j + 1]];
+  }
+  if (j < k) s0 += to_float(v[j]) * x[c[j]];
+  return total + s0 + s1;
 }
 
 // Two rows side by side (rows a and a + 1; the second's data follow the first's): their
@@ -440,7 +446,9 @@ at::Tensor condensed_linear(const at::Tensor& x, const at::Tensor& values, const
                             int64_t out_features) {
   TORCH_CHECK(x.dim() == 2 && values.dim() == 2 && cols.sizes() == values.sizes(),
               "condensed_linear: expected x [batch, in], values and cols [active, k]");
-  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu(), "condensed_linear: CPU only");
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu() && cols.device().is_cpu() &&
+                  rows.device().is_cpu() && bias.device().is_cpu(),
+              "condensed_linear: CPU only (x, values, cols, rows and bias)");
   const int64_t batch = x.size(0), in_features = x.size(1);
   const int64_t active = values.size(0), k = values.size(1);
   const bool all_rows = rows.numel() == 0 && active == out_features;
@@ -507,9 +515,30 @@ TORCH_LIBRARY_IMPL(sparsity_formats, CPU, m) { m.impl("condensed_linear", conden
 // the checks the Python caller would otherwise make (about 2 us more there). It returns None
 // where the kernel does not apply, and the caller then takes its PyTorch path: x not [batch,
 // in_features], not on the CPU, or not in the values' dtype; a dtype the kernel does not read;
-// or an autograd graph to record (the kernel has no backward). Otherwise the output, in x's
-// dtype. Argument errors raise RuntimeError with the message alone; the GIL is released while
-// the kernel runs.
+// an autograd graph to record (the kernel has no backward); or anything that needs the
+// dispatcher this binding skips (below). Otherwise the output, in x's dtype. Argument errors
+// raise RuntimeError with the message alone; the GIL is released while the kernel runs.
+//
+// What only the dispatcher sees: torch.jit.trace (the Tracer key), Python dispatch modes and
+// tensor subclasses (FakeTensorMode, make_fx, __torch_dispatch__: the Python keys), functorch's
+// transforms (vmap, grad) and functionalization. Under any of them, or for a tensor without
+// storage (a wrapper), the PyTorch path runs, which they all understand.
+const c10::DispatchKeySet kDispatcherOnly({
+    c10::DispatchKey::Tracer,
+    c10::DispatchKey::Python,
+    c10::DispatchKey::PythonTLSSnapshot,
+    c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
+    c10::DispatchKey::FuncTorchDynamicLayerBackMode,
+    c10::DispatchKey::FuncTorchBatched,
+    c10::DispatchKey::FuncTorchGradWrapper,
+    c10::DispatchKey::Functionalize,
+});
+
+inline bool plain(const at::Tensor& t) {
+  return !t.defined() || (t.layout() == at::kStrided && t.has_storage() &&
+                          (t.key_set() & kDispatcherOnly).empty());
+}
+
 static std::optional<at::Tensor> condensed_linear_eager(
     const at::Tensor& x, const at::Tensor& values, const at::Tensor& cols, const at::Tensor& rows,
     const at::Tensor& bias, int64_t in_features, int64_t out_features) {
@@ -517,6 +546,10 @@ static std::optional<at::Tensor> condensed_linear_eager(
   if (x.dim() != 2 || x.size(1) != in_features || !x.device().is_cpu() ||
       !values.device().is_cpu() || dtype != values.scalar_type() ||
       !(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)) {
+    return std::nullopt;
+  }
+  if (!(c10::impl::tls_local_dispatch_key_set().included_ & kDispatcherOnly).empty() ||
+      !plain(x) || !plain(values) || !plain(cols) || !plain(rows) || !plain(bias)) {
     return std::nullopt;
   }
   if (c10::GradMode::is_enabled() &&

@@ -2,12 +2,13 @@
 
 ``condensed_linear()`` returns the compiled function, or ``None``. It is a Python binding of the
 kernel, which is also registered as the operator ``torch.ops.sparsity_formats.condensed_linear``
-(for code that must go through the dispatcher). The first call in a process
-compiles ``csrc/condensed_cpu.cpp`` as a torch C++ extension (gcc/g++ and ninja from the
-system, torch's own headers; about 70-80 s on two cores here) into torch's extension cache
-(``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``); later processes load the
-cached library in well under a second. The build is keyed by the source, the flags and the
-CPU's vector capability, so a change to any of them rebuilds.
+(for code that must go through the dispatcher). The first call in a process compiles
+``csrc/condensed_cpu.cpp`` as a torch C++ extension (the system's gcc/g++; ninja from the
+``ninja`` package on PyPI, a dependency, or from the system; torch's own headers; about 70-80 s
+on two cores here) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``); later processes load the cached library in well under a second.
+The build is keyed by the source, the flags and the CPU's vector capability, so a change to any
+of them rebuilds.
 
 When the build fails (no compiler, no ninja, a non-x86 CPU without the flags, ...) the formats
 fall back to their pure-PyTorch kernels, which give the same results, and one
@@ -18,9 +19,11 @@ fall back to their pure-PyTorch kernels, which give the same results, and one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
+import shutil
 import threading
 import time
 import warnings
@@ -56,6 +59,33 @@ def _disabled() -> bool:
     return os.environ.get(_DISABLE_ENV, "1").strip().lower() in ("0", "off", "false", "no")
 
 
+@contextlib.contextmanager
+def _ninja_on_path():
+    """Make the ``ninja`` of the PyPI package (a dependency) visible to torch's build when no
+    ``ninja`` is on ``PATH`` (a venv used without activating it, or a machine without a system
+    ninja); ``PATH`` is restored afterwards."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja
+
+        extra = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        extra = None
+    saved = os.environ.get("PATH")
+    if extra:
+        os.environ["PATH"] = extra + os.pathsep + (saved or "")
+    try:
+        yield
+    finally:
+        if extra:
+            if saved is None:
+                os.environ.pop("PATH", None)
+            else:
+                os.environ["PATH"] = saved
+
+
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
@@ -63,14 +93,15 @@ def _build() -> None:
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
     name = f"sparsity_formats_{capability}_{digest}"
     start = time.perf_counter()
-    module = load(
-        name=name,
-        sources=[str(_SOURCE)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-        is_python_module=True,
-        verbose=False,
-    )
+    with _ninja_on_path():
+        module = load(
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=True,
+            verbose=False,
+        )
     _state["seconds"] = time.perf_counter() - start
     # The module's binding, not torch.ops.sparsity_formats.condensed_linear: the operator's
     # boxed dispatch cost about 5 us more a call here (a twelfth of a batch-1 (3072, 768) layer).
@@ -90,8 +121,8 @@ def _ensure() -> None:
             warnings.warn(
                 "sparsity_formats: the compiled CPU kernels could not be built, so the formats "
                 f"use their pure-PyTorch kernels (same results, slower). Reason: "
-                f"{_state['error']}. Install gcc/g++ and ninja to build them, or set "
-                f"{_DISABLE_ENV}=0 to skip the attempt.",
+                f"{_state['error']}. Install gcc/g++ (and ninja: pip install ninja) to build "
+                f"them, or set {_DISABLE_ENV}=0 to skip the attempt.",
                 NativeKernelWarning,
                 stacklevel=3,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 
@@ -206,3 +207,14 @@ def test_traced_and_vmapped_calls_take_the_pytorch_path():
     torch.testing.assert_close(traced(x), F.linear(x, weight * mask, bias))
     xs = torch.randn(4, 10)
     torch.testing.assert_close(torch.func.vmap(layer)(xs), F.linear(xs, weight * mask, bias))
+
+
+def test_ninja_from_the_package_when_none_is_on_path(monkeypatch):
+    """Without a ninja on PATH, the build sees the one of the ``ninja`` package (a dependency)
+    for its duration only."""
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setattr(_native.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    with _native._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+    assert os.environ["PATH"] == "/nowhere"

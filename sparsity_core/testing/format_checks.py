@@ -120,6 +120,15 @@ def _where(structures: tuple[Any, ...], weight: torch.Tensor) -> str:
     )
 
 
+def _unlike(out: Any, like: torch.Tensor) -> tuple[Any, Any, Any] | None:
+    """None when ``out`` is a tensor of ``like``'s shape, dtype and device; else ``out``'s
+    (shape, dtype, device), None where it has no such attribute."""
+    got = tuple(getattr(out, a, None) for a in ("shape", "dtype", "device"))
+    if isinstance(out, torch.Tensor) and got == (like.shape, like.dtype, like.device):
+        return None
+    return got
+
+
 def _round_trip(
     check: str, fmt: Any, structures: tuple[Any, ...], weight: torch.Tensor, mask: torch.Tensor
 ) -> Any:
@@ -127,13 +136,7 @@ def _round_trip(
     packed = _call(check, fmt, where, "pack()", lambda: fmt.pack(weight, mask))
     out = _call(check, fmt, where, "unpack()", lambda: fmt.unpack(packed))
     expected = weight.masked_fill(~mask, 0)
-    if (
-        not isinstance(out, torch.Tensor)
-        or out.shape != weight.shape
-        or out.dtype != weight.dtype
-        or out.device != weight.device
-    ):
-        got = tuple(getattr(out, a, None) for a in ("shape", "dtype", "device"))
+    if (got := _unlike(out, weight)) is not None:
         got = (type(out).__name__, *got)
         _fail(
             check,
@@ -181,13 +184,7 @@ def _assert_close(
 ) -> None:
     """``out`` is ``F.linear(x, dense, bias)`` within the dtype's tolerance, shape and dtype too."""
     expected = F.linear(x, dense, bias)
-    if (
-        not isinstance(out, torch.Tensor)
-        or out.shape != expected.shape
-        or out.dtype != expected.dtype
-        or out.device != expected.device
-    ):
-        got = tuple(getattr(out, a, None) for a in ("shape", "dtype", "device"))
+    if (got := _unlike(out, expected)) is not None:
         wanted = (expected.shape, expected.dtype, expected.device)
         _fail(check, fmt, where, f"linear() returned {got}, not {wanted}")
     scale = F.linear(x.double().abs(), dense.double().abs(), None)

@@ -21,6 +21,7 @@ import torch
 from .config import DSTConfig
 from .engine import LayerState
 from .errors import CheckpointError, ConfigError, UnknownComponentError
+from .registry import Registry
 from .selection import count
 from .structures import describe, realized_budget
 
@@ -82,10 +83,11 @@ def load_checkpoint(
             f"weights_only=False, and never from unknown sources."
         ) from exc
     except Exception as exc:  # zip, EOF, or unpickling errors of a damaged file
+        size = path.stat().st_size
+        reason = "the file is empty: no data reached the disk" if size == 0 else _describe(exc)
         raise CheckpointError(
-            f"checkpoint {str(path)!r} ({path.stat().st_size} bytes) is truncated or corrupt "
-            f"and cannot be read ({_describe(exc)}). Restore it from a "
-            f"copy, or delete it to start over."
+            f"checkpoint {str(path)!r} ({size} bytes) is truncated or corrupt and cannot be "
+            f"read ({reason}). Restore it from a copy, or delete it to start over."
         ) from exc
 
 
@@ -103,7 +105,8 @@ def _refusal(exc: BaseException) -> str:
     """The line of torch's weights-only error that names what was refused."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
     named = [line for line in lines if "WeightsUnpickler error" in line]
-    return named[0] if named else _describe(exc)
+    # Only what was refused: torch's advice to allowlist it or to drop weights_only is not ours.
+    return named[0].split(" was not an allowed global")[0] if named else _describe(exc)
 
 
 def check_schema(state: Any) -> None:
@@ -124,13 +127,58 @@ def check_schema(state: Any) -> None:
         raise CheckpointError(
             f"checkpoint is missing keys {sorted(missing)}; it is truncated or not ours."
         )
+    _check_step(state)
+    for key in ("masks", "ever_active"):
+        if not isinstance(state[key], Mapping):
+            raise CheckpointError(f"checkpoint {key!r} is not a mapping; the file is corrupt.")
+        for fqn, tensor in state[key].items():
+            if isinstance(tensor, torch.Tensor) and tensor.dtype != torch.bool:
+                raise CheckpointError(
+                    f"checkpoint {key}[{fqn!r}] has dtype {tensor.dtype}, not torch.bool; "
+                    f"DSTScheduler.state_dict() writes boolean masks, so this file was edited or "
+                    f"written by other code. Masks are never inferred or converted: fix the "
+                    f"file (e.g. state[{key!r}][{fqn!r}] = mask != 0 if that is what it means)."
+                )
 
 
-def saved_config(state: Mapping[str, Any]) -> DSTConfig:
-    """The :class:`DSTConfig` of a state dict (schema checked first); names missing plugins."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_step(state: Mapping[str, Any]) -> None:
+    """The saved step is an integer in [last update step, total_steps]."""
+    step, total = state["step"], state.get("total_steps")
+    if total is not None and (not _is_int(total) or total < 1):
+        raise CheckpointError(
+            f"checkpoint total_steps={total!r} is not a positive integer; the file is corrupt."
+        )
+    if not _is_int(step) or step < 0:
+        raise CheckpointError(
+            f"checkpoint step={step!r} is not an integer >= 0 (the optimizer steps taken); the "
+            f"file is corrupt or was edited."
+        )
+    if total is not None and step > total:
+        raise CheckpointError(
+            f"checkpoint step={step} is beyond the run's total_steps={total}; the file is "
+            f"corrupt or was edited."
+        )
+    history = state.get("history", [])
+    last = max((r.get("step", 0) for r in history if isinstance(r, Mapping)), default=0)
+    if not _is_int(last) or last > step:
+        raise CheckpointError(
+            f"checkpoint step={step} is before its last recorded update (step {last!r}); the "
+            f"file is corrupt or was edited."
+        )
+
+
+def saved_config(state: Mapping[str, Any], registry: Registry | None = None) -> DSTConfig:
+    """The :class:`DSTConfig` of a state dict (schema checked first); names missing plugins.
+
+    Component names are resolved in ``registry`` (default: the process-wide one).
+    """
     check_schema(state)
     try:
-        return DSTConfig.from_dict(state["config"])
+        return DSTConfig.from_dict(state["config"], registry)
     except (UnknownComponentError, ConfigError) as exc:
         raise CheckpointError(
             f"the checkpoint's config cannot be rebuilt here: {exc} (The checkpoint names its "

@@ -202,16 +202,14 @@ def _format_arg(text: str) -> Any:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, save_checkpoint
     from .errors import CheckpointError
     from .exporting import export
     from .models import build_model
     from .scheduler import DSTScheduler
 
     path = Path(args.checkpoint)
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    state = load_checkpoint(path)
     if not isinstance(state, dict) or "arch" not in state or "model" not in state:
         raise CheckpointError(
             f"{path} is not a checkpoint of `sparsity-core train` (no 'arch'/'model'); write "
@@ -236,7 +234,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export(model, scheduler, format=_format_arg(args.format), rules=rules)
     print(result.format_report())
     out = Path(args.out) if args.out else path.with_name(path.stem + f".{args.format}.pt")
-    torch.save(
+    save_checkpoint(
         {
             "arch": arch,
             "method": state.get("method"),

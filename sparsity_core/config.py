@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import numbers
 from collections.abc import Mapping
@@ -77,10 +78,10 @@ def _converter(ctype: ComponentType):
     return lambda value: component_from_dict(ctype, value)
 
 
-def _structures(value: Any) -> tuple[Any, ...]:
+def _structures(value: Any, registry: Registry | None = None) -> tuple[Any, ...]:
     if isinstance(value, str | Mapping) or not isinstance(value, tuple | list):
         value = (value,)
-    return tuple(component_from_dict(ComponentType.STRUCTURE, v) for v in value)
+    return tuple(component_from_dict(ComponentType.STRUCTURE, v, registry) for v in value)
 
 
 def _is_coarse_structure(value: Any) -> bool:
@@ -224,6 +225,16 @@ class LayerRule:
         return {"match": self.match, "structures": structures, "dense": self.dense}
 
 
+def _rules_seq(value: Any) -> tuple[Any, ...]:
+    return (value,) if isinstance(value, LayerRule | Mapping) else tuple(value)
+
+
+def _resolved_rule(rule: Any, registry: Registry) -> Any:
+    if isinstance(rule, Mapping) and rule.get("structures") is not None:
+        return {**rule, "structures": _structures(rule["structures"], registry)}
+    return rule
+
+
 def _rules(value: Any) -> tuple[LayerRule, ...]:
     if isinstance(value, LayerRule | Mapping):
         value = (value,)
@@ -311,14 +322,30 @@ class DSTConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DSTConfig:
-        """Inverse of :meth:`to_dict` (unknown keys are an error, not ignored)."""
+    def from_dict(cls, data: Mapping[str, Any], registry: Registry | None = None) -> DSTConfig:
+        """Inverse of :meth:`to_dict` (unknown keys are an error, not ignored).
+
+        Component names are resolved in ``registry`` (default: the process-wide one).
+        """
         known = {f.name for f in attrs.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(
                 f"DSTConfig.from_dict got unknown keys {unknown}; known keys: {sorted(known)}."
             )
+        data = dict(data)
+        if registry is not None:
+            for name, ctype in _FIELD_TYPES.items():
+                if name not in data:
+                    continue
+                if ctype is ComponentType.STRUCTURE:
+                    data[name] = _structures(data[name], registry)
+                else:
+                    data[name] = component_from_dict(ctype, data[name], registry)
+            if "rules" in data:
+                data["rules"] = [
+                    _resolved_rule(rule, registry) for rule in _rules_seq(data["rules"])
+                ]
         return cls(**data)
 
     def resolved_t_end(self, total_steps: int | None) -> int:
@@ -356,7 +383,21 @@ _FIELD_TYPES = {
 def preset(name: str, **overrides: Any) -> DSTConfig:
     """The registered method preset ``name`` (e.g. ``rigl``, ``set``, ``static``) with overrides."""
     factory = get_registry().get(ComponentType.PRESET, name)
-    config = factory(**overrides)
+    try:
+        config = factory(**overrides)
+    except TypeError as exc:
+        fields = sorted(f.name for f in attrs.fields(DSTConfig))
+        unknown = sorted(set(overrides) - set(fields))
+        if not unknown:
+            raise
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(
+            f"preset {name!r} got unknown override {', '.join(hints)}; overrides are "
+            f"DSTConfig fields: {fields}."
+        ) from exc
     if not isinstance(config, DSTConfig):
         raise ConfigError(f"preset {name!r} returned {type(config).__name__}, not a DSTConfig.")
     return config

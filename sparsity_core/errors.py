@@ -12,7 +12,9 @@ __all__ = [
     "NoBuiltinsError",
     "OptimizerError",
     "PluginLoadError",
+    "SchedulerStateError",
     "SparsityError",
+    "SparsityWarning",
     "UnknownComponentError",
     "UpdateError",
 ]
@@ -67,3 +69,11 @@ class CheckpointError(SparsityError, ValueError):
 
 class DistributedError(SparsityError, RuntimeError):
     """Ranks of a distributed run disagree (e.g. their masks diverged)."""
+
+
+class SchedulerStateError(SparsityError, RuntimeError):
+    """A scheduler was used out of order (stepped after ``remove()``, attached twice)."""
+
+
+class SparsityWarning(UserWarning):
+    """Something was skipped or will not happen as the configuration suggests (say so, or fix)."""

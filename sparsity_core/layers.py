@@ -12,7 +12,14 @@ from torch import nn
 
 from .errors import ConfigError, LayerError
 
-__all__ = ["SUPPORTED_LAYER_TYPES", "LayerSpec", "select_layers"]
+__all__ = [
+    "SUPPORTED_LAYER_TYPES",
+    "LayerSpec",
+    "SkippedLayer",
+    "select_layers",
+    "split_frozen",
+    "unsupported_weights",
+]
 
 SUPPORTED_LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
@@ -56,8 +63,75 @@ class LayerSpec:
         return cls(fqn, tuple(module.weight.shape), type(module).__name__)
 
 
+@attrs.frozen
+class SkippedLayer:
+    """A weight the scheduler found but does not sparsify, and why (it stays dense)."""
+
+    fqn: str
+    shape: tuple[int, ...] = attrs.field(converter=tuple)
+    reason: str
+
+
 def _matches(fqn: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+
+
+# Weights of modules that hold a projection the scheduler cannot sparsify as a layer: the
+# attention's packed q/k/v projection is a bare Parameter, not a Linear module.
+_PACKED_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def unsupported_weights(
+    model: nn.Module, *, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[SkippedLayer]:
+    """Projection weights that are not a supported layer (``nn.MultiheadAttention``'s packed
+    in-projection), among those ``include``/``exclude`` would select: they stay dense."""
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        for attr in _PACKED_PROJECTIONS:
+            weight = getattr(module, attr, None)
+            fqn = f"{name}.{attr}" if name else attr
+            if not isinstance(weight, torch.Tensor):
+                continue
+            if (include and not _matches(fqn, include)) or _matches(fqn, exclude):
+                continue
+            out.append(
+                SkippedLayer(
+                    fqn,
+                    tuple(weight.shape),
+                    f"not a supported layer: nn.MultiheadAttention keeps its q/k/v projection "
+                    f"as one packed Parameter ({attr}), which stays dense; its out_proj is a "
+                    f"Linear and is sparsified; pass exclude=[{fqn!r}] to acknowledge it",
+                )
+            )
+    return out
+
+
+def split_frozen(
+    chosen: Sequence[tuple[LayerSpec, nn.Module]],
+) -> tuple[list[tuple[LayerSpec, nn.Module]], list[SkippedLayer]]:
+    """Split selected layers into trainable ones and frozen ones (``requires_grad=False``).
+
+    A frozen weight never gets a gradient, so dropping it would lose trained values and growing
+    it would add zeros that can never train: frozen layers are skipped, never sparsified.
+    """
+    trainable, frozen = [], []
+    for spec, module in chosen:
+        if module.weight.requires_grad:
+            trainable.append((spec, module))
+        else:
+            frozen.append(
+                SkippedLayer(
+                    spec.fqn,
+                    spec.shape,
+                    f"frozen (requires_grad=False): it would never train, so it stays dense; "
+                    f"pass exclude=[{spec.fqn!r}] to acknowledge it, or set requires_grad=True "
+                    f"before building the scheduler to sparsify it",
+                )
+            )
+    return trainable, frozen
 
 
 def select_layers(
@@ -82,6 +156,15 @@ def select_layers(
             f"{sorted(SUPPORTED_LAYER_TYPES)}."
         )
     classes = tuple(SUPPORTED_LAYER_TYPES[t] for t in layer_types)
+    candidates = [n for n, m in model.named_modules() if isinstance(m, classes)]
+    # Patterns may also name the packed projections that are reported, never sparsified.
+    known = candidates + [s.fqn for s in unsupported_weights(model)]
+    for pattern in exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in known):
+            raise ConfigError(
+                f"exclude pattern {pattern!r} matches no {'/'.join(layer_types)} layer, so it "
+                f"excludes nothing; check the spelling against the layer names: {known}."
+            )
     chosen: list[tuple[LayerSpec, nn.Module]] = []
     for fqn, module in model.named_modules():
         if not isinstance(module, classes):
@@ -96,6 +179,13 @@ def select_layers(
                 f"layer {fqn!r} ({type(module).__name__}) has no parameters to sparsify "
                 f"(weight shape {None if weight is None else tuple(weight.shape)}); exclude it "
                 f"with exclude=[{fqn!r}]."
+            )
+        if weight.is_meta:
+            raise LayerError(
+                f"layer {fqn!r} ({type(module).__name__}) is on the meta device: its weight "
+                f"has a shape but no values, so no mask can be planned or applied. Materialise "
+                f"the model first (model.to_empty(device='cpu') then initialise it, or "
+                f"load_state_dict(state, assign=True)), then build the optimizer and scheduler."
             )
         owner = next((spec.fqn for spec, m in chosen if m.weight is weight), None)
         if owner is not None:
@@ -113,6 +203,6 @@ def select_layers(
         if not any(fnmatch.fnmatchcase(spec.fqn, pattern) for spec, _ in chosen):
             raise ConfigError(
                 f"include pattern {pattern!r} matches no {'/'.join(layer_types)} layer; "
-                f"available: {[n for n, m in model.named_modules() if isinstance(m, classes)]}."
+                f"available: {candidates}."
             )
     return chosen

@@ -114,6 +114,9 @@ class ComponentEntry:
     summary: str = ""
 
 
+# The plugin name of components added with Registry.with_component.
+IN_PROCESS = "<in-process>"
+
 # -- plugin manager ------------------------------------------------------------------------------
 
 
@@ -296,6 +299,20 @@ class Registry:
             )
         table[entry.name] = entry
 
+    def with_component(
+        self, ctype: ComponentType | str, name: str, component: Any, *, summary: str = ""
+    ) -> Registry:
+        """A copy of this registry with one more component, registered in this process only.
+
+        For notebooks and tests: pass the result as ``registry=`` to
+        :class:`~sparsity_core.DSTScheduler` (and to ``from_state_dict``) so a component of
+        yours saves and loads by ``name`` without an installed plugin. A package registers
+        through its ``sparsity_register_*`` hook and entry point instead.
+        """
+        copy = Registry(self.entries(), self.plugins, plugin_manager=self.plugin_manager)
+        copy._add(ComponentEntry(ComponentType(ctype), name, component, IN_PROCESS, summary))
+        return copy
+
     def names(self, ctype: ComponentType | str) -> list[str]:
         """Sorted names of the registered components of one type."""
         return sorted(self._entries[ComponentType(ctype)])
@@ -353,8 +370,10 @@ class Registry:
                 return entry.name
         raise UnknownComponentError(
             f"{ctype.value} {type(component).__qualname__} is not registered by any plugin, so "
-            f"it cannot be saved by name. Register it with a "
-            f"`{ctype.hook_name}` hook implementation and an entry point."
+            f"it cannot be saved by name. Register it with a `{ctype.hook_name}` hook "
+            f"implementation and an entry point, or for this process only with "
+            f"registry=get_registry().with_component({ctype.value!r}, '<name>', "
+            f"{type(component).__qualname__})."
         )
 
     def call_observers(self, **kwargs: Any) -> None:

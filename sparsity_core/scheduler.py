@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,8 +30,15 @@ from .engine import (
     plan_initial_mask,
     zero_inactive_,
 )
-from .errors import ConfigError, LayerError, UpdateError
-from .layers import LayerSpec, select_layers
+from .errors import (
+    ConfigError,
+    LayerError,
+    SchedulerStateError,
+    SparsityWarning,
+    UnknownComponentError,
+    UpdateError,
+)
+from .layers import LayerSpec, SkippedLayer, select_layers, split_frozen, unsupported_weights
 from .optim_state import check_optimizer_holds, param_shaped_state, reset_state_at
 from .protocols import Capabilities, capabilities_of
 from .registry import Registry, get_registry
@@ -38,6 +47,33 @@ from .structures import compose_structures, describe
 from .telemetry import LayerSummary, UpdateRecord, active_neurons, itop_rate
 
 __all__ = ["SCHEMA_VERSION", "DSTScheduler"]
+
+# The schedulers attached to each optimizer (by weak reference both ways: an optimizer that is
+# garbage collected takes its entry with it, and the hooks alone keep a scheduler alive).
+_ATTACHED: weakref.WeakKeyDictionary[Any, list[weakref.ref[DSTScheduler]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _attached(optimizer: Any) -> list[DSTScheduler]:
+    refs = _ATTACHED.get(optimizer, [])
+    return [s for s in (r() for r in refs) if s is not None and s._hooks]
+
+
+def _refuse_overlap(optimizer: Any, weights: Mapping[str, torch.Tensor]) -> None:
+    """A second scheduler whose weights another one on ``optimizer`` governs is refused: the
+    first one's hooks would keep zeroing weights by its own masks."""
+    mine = {id(w): fqn for fqn, w in weights.items()}
+    for other in _attached(optimizer):
+        shared = [fqn for fqn, layer in other.layers.items() if id(layer.weight) in mine]
+        if shared:
+            raise SchedulerStateError(
+                f"{other!r} is already attached to this {type(optimizer).__name__} and "
+                f"governs layers {shared}; a second scheduler on the same weights would fight "
+                f"its optimizer hooks (its masks keep zeroing weights the new one grows). Call "
+                f"remove() on the existing scheduler first (DSTScheduler.attached(optimizer) "
+                f"returns it), then build the new one."
+            )
 
 
 def _merge(a: Capabilities, b: Capabilities) -> Capabilities:
@@ -108,16 +144,32 @@ class DSTScheduler:
         model = unwrap_model(model)
         self.config = attrs.evolve(config, t_end=config.resolved_t_end(total_steps))
         self.total_steps = total_steps
+        if _resume is not None and total_steps is None:
+            self.total_steps = _resume.get("total_steps")
         self.registry = registry or get_registry()
         self.optimizer = optimizer
         self.structure = compose_structures(self.config.structures)
         self._caps = _merge(capabilities_of(self.config.prune), capabilities_of(self.config.grow))
+        self._check_registered()
         chosen = select_layers(
             model,
             layer_types=self.config.layer_types,
             include=self.config.include,
             exclude=self.config.exclude,
         )
+        chosen, frozen = split_frozen(chosen)
+        unsupported = unsupported_weights(
+            model, include=self.config.include, exclude=self.config.exclude
+        )
+        if not chosen:
+            raise ConfigError(
+                f"every selected layer ({[s.fqn for s in frozen]}) is frozen "
+                f"(requires_grad=False), so there is nothing to train sparse; set "
+                f"requires_grad=True on the layers to sparsify, or select others with "
+                f"include=/exclude=."
+            )
+        self._check_rules(chosen)
+        skipped: list[SkippedLayer] = [*frozen, *unsupported]
         structures: dict[str, Any] = {}
         sparse: list[tuple[LayerSpec, nn.Module]] = []
         for spec, module in chosen:
@@ -125,6 +177,9 @@ class DSTScheduler:
                 (r for r in self.config.rules if r.matches(spec.fqn, spec.layer_type)), None
             )
             if rule is not None and rule.dense:
+                skipped.append(
+                    SkippedLayer(spec.fqn, spec.shape, f"dense by LayerRule({rule.match!r})")
+                )
                 continue
             structures[spec.fqn] = (
                 self.structure if rule is None else compose_structures(rule.structures)
@@ -137,6 +192,8 @@ class DSTScheduler:
             )
         chosen = sparse
         check_optimizer_holds(optimizer, [(spec.fqn, module.weight) for spec, module in chosen])
+        _refuse_overlap(optimizer, {spec.fqn: module.weight for spec, module in chosen})
+        self.skipped: tuple[SkippedLayer, ...] = tuple(skipped)
         specs = [spec for spec, _ in chosen]
         if _resume is not None:
             check_layout({spec.fqn: spec.shape for spec in specs}, _resume)
@@ -159,6 +216,7 @@ class DSTScheduler:
                 spec, module, structures[spec.fqn], mask, budgets[spec.fqn], mask.clone(), momentum
             )
         self._step = 0
+        self._optimizer_stepped = False
         self.history: list[UpdateRecord] = []
         self._captured_grads: dict[str, torch.Tensor] = {}
         # Before touching the model: a checkpoint that does not fit, or ranks that start from
@@ -171,8 +229,62 @@ class DSTScheduler:
             optimizer.register_step_pre_hook(self._before_optimizer_step),
             optimizer.register_step_post_hook(self._after_optimizer_step),
         ]
+        _ATTACHED.setdefault(optimizer, []).append(weakref.ref(self))
+        self._warn_skipped()
+        self._warn_no_update()
 
     # -- construction helpers -------------------------------------------------------------------
+
+    def _check_registered(self) -> None:
+        """Every component must save by name: fail now, not at the first state_dict()."""
+        try:
+            self.config.to_dict(self.registry)
+        except UnknownComponentError as exc:
+            raise ConfigError(
+                f"{exc} (DSTScheduler checks this at construction: checkpoints name every "
+                f"component by its registered name, so an unregistered instance would train and "
+                f"then fail at the first state_dict().)"
+            ) from exc
+
+    def _check_rules(self, chosen: Sequence[tuple[LayerSpec, nn.Module]]) -> None:
+        names = [spec.fqn for spec, _ in chosen]
+        for rule in self.config.rules:
+            if not any(rule.matches(spec.fqn, spec.layer_type) for spec, _ in chosen):
+                raise ConfigError(
+                    f"LayerRule({rule.match!r}) matches no selected layer, so it would be "
+                    f"ignored; match is a class name ('Linear', 'Conv1d', 'Conv2d') or an "
+                    f"fnmatch pattern on these layer names: {names}."
+                )
+
+    def _warn_skipped(self) -> None:
+        surprising = [s for s in self.skipped if not s.reason.startswith("dense by LayerRule")]
+        if surprising:
+            listed = "; ".join(f"{s.fqn!r} {tuple(s.shape)}: {s.reason}" for s in surprising)
+            warnings.warn(
+                f"DSTScheduler leaves {len(surprising)} weight(s) dense: {listed}. "
+                f"(scheduler.skipped lists them.)",
+                SparsityWarning,
+                stacklevel=3,
+            )
+
+    def _warn_no_update(self) -> None:
+        c = self.config
+        first = (c.t_start // c.delta_t + 1) * c.delta_t
+        if first < c.t_end:
+            return
+        try:
+            fraction = float(c.drop.fraction(c.t_start + 1, c.t_end))
+        except Exception:  # the schedule's own errors surface at the first update instead
+            fraction = 1.0
+        if fraction > 0.0:
+            warnings.warn(
+                f"DSTConfig.delta_t={c.delta_t} leaves no update step between t_start="
+                f"{c.t_start} and t_end={c.t_end} (the first would be step {first}), so the "
+                f"topology never changes and this run trains a static mask. Lower delta_t, "
+                f"raise t_end or total_steps, or use the 'static' preset to say so.",
+                SparsityWarning,
+                stacklevel=3,
+            )
 
     def _budgets(self, specs: Sequence[LayerSpec], structures: Mapping[str, Any]) -> dict[str, int]:
         """Exact integer budgets from the distribution's densities, checked per layer."""
@@ -239,6 +351,7 @@ class DSTScheduler:
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         for layer in self.layers.values():
             zero_inactive_(layer.weight, layer.mask)
+        self._optimizer_stepped = True
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -258,27 +371,56 @@ class DSTScheduler:
         return step % c.delta_t == 0 and c.t_start < step < c.t_end
 
     def step(self) -> list[UpdateRecord]:
-        """Advance one optimizer step; on update steps change the topology and return records."""
-        self._step += 1
-        step = self._step
-        try:
-            if not self.is_update_step(step):
-                return []
-            fraction = float(self.config.drop.fraction(step, self.config.t_end))
-            if not (0.0 <= fraction <= 1.0):
-                raise UpdateError(
-                    f"drop schedule {type(self.config.drop).__name__} returned fraction "
-                    f"{fraction!r} at step {step}; fractions must lie in [0, 1]."
-                )
-            if fraction == 0.0:
-                return []
-            records = self._update(step, fraction)
-        finally:
+        """Advance one optimizer step; on update steps change the topology and return records.
+
+        Call it once after each ``optimizer.step()``. A call with no optimizer step since the
+        previous one (twice per step, or after a ``GradScaler`` skipped the step) warns and is
+        not counted, so the schedule never runs ahead of the optimizer. An update that raises
+        :class:`~sparsity_core.errors.UpdateError` changes nothing, the step count included:
+        the next call retries it. After :meth:`remove` it raises
+        :class:`~sparsity_core.errors.SchedulerStateError`.
+        """
+        if not self._hooks:
+            raise SchedulerStateError(
+                f"{self!r} was detached with remove(): it no longer enforces its masks, so "
+                f"step() would change masks that training ignores. Build a new scheduler (or "
+                f"DSTScheduler.from_state_dict(model, optimizer, old.state_dict())) to go on."
+            )
+        if not self._optimizer_stepped:
+            warnings.warn(
+                f"DSTScheduler.step() at step {self._step} without an optimizer.step() since "
+                f"the previous call; not counted. Call it once after each optimizer.step() (with "
+                f"gradient accumulation, only when the optimizer steps; a GradScaler that "
+                f"skipped a step on overflow causes this too, harmlessly).",
+                SparsityWarning,
+                stacklevel=2,
+            )
+            return []
+        step = self._step + 1
+        records: list[UpdateRecord] = []
+        if self.is_update_step(step):
+            # An UpdateError applies nothing and leaves the count and the captured gradients
+            # as they were: the next call (now, or after the next optimizer step) retries.
+            records = self._update_at(step)
             self._captured_grads.clear()
-        self.history.extend(records)
-        self._verify_ranks(step)
-        self.registry.call_observers(scheduler=self, step=step, records=records)
+        self._step = step
+        self._optimizer_stepped = False
+        if records:
+            self.history.extend(records)
+            self._verify_ranks(step)
+            self.registry.call_observers(scheduler=self, step=step, records=records)
         return records
+
+    def _update_at(self, step: int) -> list[UpdateRecord]:
+        fraction = float(self.config.drop.fraction(step, self.config.t_end))
+        if not (0.0 <= fraction <= 1.0):
+            raise UpdateError(
+                f"drop schedule {type(self.config.drop).__name__} returned fraction "
+                f"{fraction!r} at step {step}; fractions must lie in [0, 1]."
+            )
+        if fraction == 0.0:
+            return []
+        return self._update(step, fraction)
 
     def _verify_ranks(self, step: int, masks: Mapping[str, torch.Tensor] | None = None) -> None:
         if self.verify_ranks:
@@ -355,10 +497,17 @@ class DSTScheduler:
         return sum(count(layer.mask) for layer in self.layers.values()) / total
 
     def remove(self) -> None:
-        """Detach the optimizer hooks (the masks stop being enforced)."""
+        """Detach the optimizer hooks (the masks stop being enforced); step() then refuses."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        refs = _ATTACHED.get(self.optimizer, [])
+        refs[:] = [r for r in refs if r() is not None and r() is not self]
+
+    @staticmethod
+    def attached(optimizer: torch.optim.Optimizer) -> list[DSTScheduler]:
+        """The schedulers whose hooks are on ``optimizer`` (not yet removed)."""
+        return _attached(optimizer)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -368,6 +517,7 @@ class DSTScheduler:
             "schema_version": SCHEMA_VERSION,
             "config": self.config.to_dict(self.registry),
             "step": self._step,
+            "total_steps": self.total_steps,
             "layers": {
                 fqn: {"shape": list(layer.spec.shape), "budget": layer.budget}
                 for fqn, layer in self.layers.items()
@@ -404,7 +554,7 @@ class DSTScheduler:
         scheduler = cls(
             model,
             optimizer,
-            saved_config(state),
+            saved_config(state, registry),
             registry=registry,
             verify_ranks=verify_ranks,
             process_group=process_group,

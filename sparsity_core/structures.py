@@ -176,11 +176,13 @@ class GroupedStructure:
         s2 = self.to_groups(scores, spec, 0)
         active = count(mask)
         n_drop = math.floor(fraction * active)
+        real = self.group_sizes(spec, mask.device)
         if groups == 1:
-            # Never drop more than can be regrown from positions inactive before the update.
-            kept = grouped_keep(s2, m2, min(n_drop, size - active))
+            # Never drop more than can be regrown from positions inactive before the update
+            # (padding is never a position).
+            room = (size if real is None else int(real.sum())) - active
+            kept = grouped_keep(s2, m2, min(n_drop, room))
         else:
-            real = self.group_sizes(spec, mask.device)
             free = (size if real is None else real) - row_counts(m2)
             kept = grouped_keep(s2, m2, n_drop, free)
         return self.from_groups(kept, spec)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DSTConfig, preset
 from .data import Dataset
 from .errors import CheckpointError, ConfigError
@@ -97,7 +97,13 @@ class Recipe:
 
 @attrs.frozen
 class RunResult:
-    """One training run's outcome."""
+    """One training run's outcome.
+
+    ``steps`` counts the whole run's optimizer steps (a resumed run included the ones before
+    the checkpoint, whose step is ``resumed_from``); ``seconds`` is the training time of every
+    process of the run up to its last checkpoint plus this one's; ``train_loss`` is the loss
+    of the run's last step, taken from the checkpoint when nothing was left to train.
+    """
 
     method: str
     seed: int
@@ -109,6 +115,7 @@ class RunResult:
     itop: float | None
     layers: tuple[dict[str, Any], ...]
     itop_curve: tuple[tuple[int, float], ...] = ()
+    resumed_from: int = 0
     masks: dict[str, torch.Tensor] | None = attrs.field(default=None, eq=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,10 +138,52 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tenso
     return list(torch.randperm(n, generator=gen).split(batch_size))
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _check_resumable(
+    state: Any, path: Path, method: str, recipe: Recipe, data: Dataset, seed: int
+) -> None:
+    """The checkpoint was written by this same job: method, seed, dataset and every flag."""
+    if not isinstance(state, dict) or "step" not in state or "model" not in state:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a checkpoint of `sparsity-core train`; resume from "
+            f"the folder a run wrote, or start without --resume."
+        )
+    if state.get("method") != method:
+        raise CheckpointError(
+            f"checkpoint {path} is for method {state.get('method')!r}, not {method!r}."
+        )
+    saved = state.get("recipe")
+    if not isinstance(saved, dict):
+        raise CheckpointError(
+            f"checkpoint {path} does not record the flags of the run that wrote it (written by "
+            f"an older sparsity-core), so resuming could silently mix two settings; start it "
+            f"over without --resume, or in another --checkpoint-dir."
+        )
+    mine = {"dataset": data.name, "seed": seed, **attrs.asdict(recipe)}
+    theirs = {"dataset": state.get("dataset"), "seed": state.get("seed"), **saved}
+    changed = [
+        f"{_flag(key)} {_shown(theirs.get(key))} in the checkpoint, {_shown(value)} now"
+        for key, value in mine.items()
+        if _plain(theirs.get(key)) != _plain(value)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path} was written with other settings: {'; '.join(changed)}. "
+            f"Resume with the checkpoint's values, or start over without --resume (or in "
+            f"another --checkpoint-dir) to train with the new ones."
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _shown(value: Any) -> str:
+    """A value as it is written on the command line (``--hidden 32,32``)."""
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 def method_config(
@@ -213,32 +262,53 @@ def train_run(
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     scheduler = None
     start_step = 0
+    saved_loss, saved_seconds = float("nan"), 0.0
     if resume and checkpoint is not None and checkpoint.exists():
-        try:
-            state = torch.load(checkpoint, weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"cannot read checkpoint {checkpoint}: {exc}") from exc
-        if state.get("method") != method:
-            raise CheckpointError(
-                f"checkpoint {checkpoint} is for method {state.get('method')!r}, not {method!r}."
-            )
+        state = load_checkpoint(checkpoint)
+        _check_resumable(state, checkpoint, method, recipe, data, seed)
         if method != DENSE:
             scheduler = DSTScheduler.from_state_dict(model, optimizer, state["sparsity"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         start_step = int(state["step"])
+        saved_loss = float(state.get("train_loss", float("nan")))
+        saved_seconds = float(state.get("seconds", 0.0))
     elif method != DENSE:
         output_layer = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
         specs = [spec for spec, _ in select_layers(model)]
         config = method_config(method, recipe, seed, total_steps, output_layer, layers=specs)
         scheduler = DSTScheduler(model, optimizer, config, total_steps=total_steps)
 
+    def save(step: int, train_loss: float, seconds: float) -> None:
+        save_checkpoint(
+            {
+                "method": method,
+                "dataset": data.name,
+                "seed": seed,
+                "recipe": attrs.asdict(recipe),
+                "arch": {
+                    "model": recipe.model,
+                    "num_features": data.num_features,
+                    "hidden": list(recipe.hidden),
+                    "num_classes": data.num_classes,
+                },
+                "step": step,
+                "train_loss": train_loss,
+                "seconds": seconds,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_schedule": lr_schedule.state_dict(),
+                "sparsity": scheduler.state_dict() if scheduler is not None else None,
+            },
+            checkpoint,
+        )
+
     if progress is not None:
         progress.update(start_step)
     start = time.perf_counter()
     step = start_step
-    loss = torch.tensor(float("nan"))
+    train_loss = saved_loss
     for epoch in range(start_step // steps_per_epoch, recipe.epochs):
         batches = _batches(len(data.y_train), recipe.batch_size, seed, epoch)
         for idx in batches[step - epoch * steps_per_epoch :]:
@@ -250,27 +320,15 @@ def train_run(
             if scheduler is not None:
                 scheduler.step()
             step += 1
+            train_loss = float(loss.item())
             if progress is not None:
-                progress.update(postfix=f"{method} loss {loss.item():.3f}")
+                progress.update(postfix=f"{method} loss {train_loss:.3f}")
             if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
-                _atomic_save(
-                    {
-                        "method": method,
-                        "arch": {
-                            "model": recipe.model,
-                            "num_features": data.num_features,
-                            "hidden": list(recipe.hidden),
-                            "num_classes": data.num_classes,
-                        },
-                        "step": step,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "lr_schedule": lr_schedule.state_dict(),
-                        "sparsity": scheduler.state_dict() if scheduler is not None else None,
-                    },
-                    checkpoint,
-                )
-    seconds = time.perf_counter() - start
+                save(step, train_loss, saved_seconds + time.perf_counter() - start)
+    # The last step is always saved, so an export or a resume never starts from a stale file.
+    if checkpoint is not None and checkpoint_every and step % checkpoint_every != 0:
+        save(step, train_loss, saved_seconds + time.perf_counter() - start)
+    seconds = saved_seconds + time.perf_counter() - start
     accuracy = evaluate(model, data.x_test, data.y_test)
     if scheduler is None:
         layers = tuple(
@@ -315,15 +373,20 @@ def train_run(
         method,
         seed,
         accuracy,
-        float(loss.item()),
+        train_loss,
         seconds,
-        step - start_step,
+        step,
         density,
         itop,
         layers,
         itop_curve(scheduler.history) if scheduler is not None else (),
-        {k: v.clone() for k, v in masks.items()} if keep_masks and masks is not None else None,
+        resumed_from=start_step,
+        masks=_copies(masks) if keep_masks else None,
     )
+
+
+def _copies(masks: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    return None if masks is None else {k: v.clone() for k, v in masks.items()}
 
 
 def _weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -37,9 +37,12 @@ from .format_checks import (
     check_format_rejects_unsupported,
     check_format_round_trip,
 )
+from .keep_checks import check_structure_keep_drop_count, check_structure_keep_highest
 from .method_checks import (
     check_method_budget_conserved,
     check_method_checkpoint_resume,
+    check_method_drop_count,
+    check_method_drop_keeps_highest,
     check_method_dropped_subset_of_active,
     check_method_grown_subset_of_inactive,
     check_method_grown_weights_and_state_zero,
@@ -100,6 +103,8 @@ __all__ = [
     "check_format_round_trip",
     "check_method_budget_conserved",
     "check_method_checkpoint_resume",
+    "check_method_drop_count",
+    "check_method_drop_keeps_highest",
     "check_method_dropped_subset_of_active",
     "check_method_grown_subset_of_inactive",
     "check_method_grown_weights_and_state_zero",
@@ -115,6 +120,8 @@ __all__ = [
     "check_schedule_fraction_in_range",
     "check_structure_budget",
     "check_structure_keep",
+    "check_structure_keep_drop_count",
+    "check_structure_keep_highest",
     "check_structure_satisfied_rejects_violations",
     "check_structure_select",
     "check_structure_select_idempotent",

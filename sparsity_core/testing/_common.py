@@ -108,6 +108,22 @@ def _describe(component: Any) -> str:
     return type(component).__name__
 
 
+def _device(check: str, component: Any, device: Any) -> torch.device:
+    """``device`` as a torch.device, or a failure saying why it cannot be used."""
+    try:
+        chosen = torch.device(device)
+        torch.zeros(1, device=chosen).cpu()
+    except (AssertionError, NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
+        # (torch built without CUDA raises AssertionError for "cuda"; "meta" holds no values)
+        _fail(
+            check,
+            component,
+            f"device {device!r}",
+            f"cannot allocate tensors there and read them back ({exc}); pick another",
+        )
+    return chosen
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Exact equality that also treats NaN as equal to NaN (at the same position)."""
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:

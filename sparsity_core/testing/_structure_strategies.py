@@ -35,6 +35,15 @@ def _group_size(structure: Any) -> int:
     return 1
 
 
+def _pads(structure: Any) -> bool:
+    """Whether ``structure`` (or one it wraps) pads fan-ins M does not divide (``pad=True``)."""
+    while structure is not None:
+        if getattr(structure, "pad", None) is True:
+            return True
+        structure = getattr(structure, "inner", None)
+    return False
+
+
 def _registered_specs(structure: Any) -> SearchStrategy[LayerSpec] | None:
     """The ``specs.<name>`` strategy a plugin registered for ``structure`` (or what it wraps)."""
     while structure is not None:
@@ -55,7 +64,8 @@ def structured_specs(
     max_groups: int | SearchStrategy[int] = 3,
     fqn: str | SearchStrategy[str] = "layer",
 ) -> SearchStrategy[LayerSpec]:
-    """Layer specs whose fan-in suits ``structure``: a multiple of M for N:M, anything else.
+    """Layer specs whose fan-in suits ``structure``: a multiple of M for N:M (often any fan-in
+    for N:M with ``pad=True``), anything else.
 
     A plugin whose structure needs other shapes registers a ``"specs.<structure name>"``
     strategy (see the ``sparsity_register_strategies`` hook); it is used instead.
@@ -132,7 +142,8 @@ def _structured_spec(
     if registered is not None:
         return attrs.evolve(draw(registered), fqn=draw(_strategy(fqn)))
     layer_type = draw(layer_types)
-    m = _group_size(chosen)
+    # A padding N:M accepts any fan-in: draw those M does not divide too.
+    m = 1 if _pads(chosen) and draw(st.booleans()) else _group_size(chosen)
     side = draw(_strategy(max_side))
     out = draw(st.integers(min_value=1, max_value=side))
     kernel = (1, 1)

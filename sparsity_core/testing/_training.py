@@ -11,10 +11,13 @@ from torch import nn
 
 from ..errors import ConfigError, LayerError, UpdateError
 from ..optim_state import param_shaped_state
+from ..registry import ComponentType, Registry
 from ..scheduler import DSTScheduler
 from ..structures import describe, realized_budget
 from ..telemetry import UpdateRecord
 from ._common import _count, _describe, _fail, _same
+from ._registered import registry
+from .keep_checks import drop_count_violation, keep_highest_violation
 from .models import mse
 from .structure_checks import nm_violation
 
@@ -27,6 +30,7 @@ __all__ = [
     "OptimizerFactory",
     "Training",
     "method_name",
+    "registry_for",
 ]
 
 ModelFactory = Callable[[], nn.Module]
@@ -36,8 +40,21 @@ GradHook = Callable[[int, nn.Module], None]
 
 # What a monitored run checks after every step; check_method_run checks all of them.
 MONITORS = frozenset(
-    {"budget", "structure", "mask_identity", "zeros", "dropped", "grown", "kept_weights", "timing"}
+    {
+        "budget",
+        "structure",
+        "mask_identity",
+        "zeros",
+        "dropped",
+        "grown",
+        "kept_weights",
+        "timing",
+        "keep_highest",
+        "drop_count",
+    }
 )
+# The monitors that watch each layer's keep() call (the drop) with the scores it was given.
+_DROP_MONITORS = frozenset({"keep_highest", "drop_count"})
 
 
 @attrs.frozen
@@ -46,6 +63,60 @@ class NoDrop:
 
     def fraction(self, step: int, t_end: int) -> float:
         return 0.0
+
+
+def _components(config: Any) -> list[tuple[ComponentType, Any]]:
+    """Every component instance of ``config``, with its registry type."""
+    out = [
+        (ComponentType.PRUNE, config.prune),
+        (ComponentType.GROWTH, config.grow),
+        (ComponentType.DISTRIBUTION, config.distribution),
+        (ComponentType.SCHEDULE, config.drop),
+    ]
+    structures = list(config.structures)
+    for rule in config.rules:
+        structures += list(rule.structures or ())
+    return out + [(ComponentType.STRUCTURE, s) for s in structures]
+
+
+def registry_for(config: Any) -> Registry:
+    """The process-wide registry, plus (in this process only) every component of ``config``
+    that no plugin registers, named by its class: the scheduler saves components by name, and
+    the kit checks components before their plugin is installed (and its own ``NoDrop``)."""
+    reg = registry()
+    for ctype, component in _components(config):
+        cls = type(component)
+        if not any(entry.component is cls for entry in reg.entries(ctype)):
+            reg = reg.with_component(ctype, f"{cls.__module__}.{cls.__qualname__}", cls)
+    return reg
+
+
+class _KeepRecorder:
+    """A layer's structure that records each ``keep()`` call (its inputs and result) for the
+    drop monitors; everything else is the structure's own."""
+
+    def __init__(self, structure: Any, calls: dict[str, tuple[Any, ...]]) -> None:
+        self._structure, self._calls = structure, calls
+
+    @classmethod
+    def around(cls, structure: Any, calls: dict[str, tuple[Any, ...]]) -> _KeepRecorder:
+        # Named like the structure, so the engine's messages name the structure.
+        named = type(type(structure).__name__, (cls,), {"__module__": cls.__module__})
+        return named(structure, calls)
+
+    def keep(self, scores: Any, mask: Any, fraction: float, spec: Any) -> Any:
+        kept = self._structure.keep(scores, mask, fraction, spec)
+        copy = kept.clone() if isinstance(kept, torch.Tensor) else kept
+        self._calls[spec.fqn] = (scores.detach().clone(), mask.clone(), fraction, copy)
+        return kept
+
+    @property
+    def __class__(self) -> type:
+        # isinstance() sees the structure's class, as observers of the run expect.
+        return type(self._structure)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._structure, name)
 
 
 class Training:
@@ -73,6 +144,12 @@ class Training:
         self.hook, self.monitors = before_optimizer_step, frozenset(monitors)
         self.budgets = {fqn: layer.budget for fqn, layer in scheduler.layers.items()}
         self.mask_objects = dict(scheduler.masks)
+        self.structures = {fqn: layer.structure for fqn, layer in scheduler.layers.items()}
+        self.keeps: dict[str, tuple[Any, ...]] = {}
+        if self.monitors & _DROP_MONITORS:
+            # The drop is judged on the scores it was given, which only keep() sees.
+            for layer in scheduler.layers.values():
+                layer.structure = _KeepRecorder.around(layer.structure, self.keeps)
         self.initial_masks = {fqn: m.clone() for fqn, m in scheduler.masks.items()}
         if "mask_identity" in self.monitors:
             self._check_ownership()
@@ -91,7 +168,9 @@ class Training:
         model = model_factory()
         optimizer = optimizer_factory(model.parameters())
         try:
-            scheduler = DSTScheduler(model, optimizer, config, total_steps=total_steps)
+            scheduler = DSTScheduler(
+                model, optimizer, config, total_steps=total_steps, registry=registry_for(config)
+            )
         except UpdateError as exc:
             raise AssertionError(
                 f"{check}: the scheduler rejected the initial mask: {exc}"
@@ -176,9 +255,10 @@ class Training:
             if "budget" in on:
                 self._check_budget(fqn, layer)
             if "structure" in on:
-                if not layer.structure.satisfied(mask, layer.spec, layer.budget):
-                    self._fail(fqn, f"the mask violates the structure {describe(layer.structure)}")
-                broken = nm_violation(layer.structure, layer.spec, mask, layer.budget)
+                structure = self.structures[fqn]
+                if not structure.satisfied(mask, layer.spec, layer.budget):
+                    self._fail(fqn, f"the mask violates the structure {describe(structure)}")
+                broken = nm_violation(structure, layer.spec, mask, layer.budget)
                 if broken is not None:
                     self._fail(fqn, f"the mask breaks N:M: {broken}")
             if "zeros" in on:
@@ -187,7 +267,7 @@ class Training:
     def _check_budget(self, fqn: str, layer: Any) -> None:
         if layer.budget != self.budgets[fqn]:
             self._fail(fqn, f"the budget changed from {self.budgets[fqn]} to {layer.budget}")
-        expected = realized_budget(layer.structure, layer.spec, layer.budget, layer.mask)
+        expected = realized_budget(self.structures[fqn], layer.spec, layer.budget, layer.mask)
         if expected > layer.budget:
             self._fail(fqn, f"the realized budget {expected} exceeds the budget {layer.budget}")
         if _count(layer.mask) != expected:
@@ -243,6 +323,31 @@ class Training:
                 self._check_zero(fqn, layer, grown, "grown")
             if "kept_weights" in on and not _same(layer.weight.detach()[kept], weights[fqn][kept]):
                 self._fail(fqn, "the update changed weights that stayed active")
+            if on & _DROP_MONITORS:
+                self._check_drop(fqn, layer, old, record)
+        self.keeps.clear()
+
+    def _check_drop(
+        self, fqn: str, layer: Any, old: torch.Tensor, record: UpdateRecord | None
+    ) -> None:
+        """The update's keep() kept the highest scores it allows and dropped the fraction
+        its record states."""
+        call = self.keeps.get(fqn)
+        if record is None:
+            self._fail(fqn, "the update returned no record for the layer")
+        if call is None or not torch.equal(call[1], old):
+            self._fail(fqn, "the update did not call the structure's keep() on the layer's mask")
+        scores, mask, fraction, kept = call
+        structure, spec = self.structures[fqn], layer.spec
+        if "keep_highest" in self.monitors:
+            broken = keep_highest_violation(structure, spec, scores, mask, fraction, kept)
+            if broken is not None:
+                self._fail(fqn, f"the drop on the prune scores broke the order: {broken}")
+        if "drop_count" in self.monitors:
+            # Judged at the fraction the record states, which is what keep() must have been given.
+            broken = drop_count_violation(structure, spec, scores, mask, record.fraction, kept)
+            if broken is not None:
+                self._fail(fqn, f"the record says fraction {record.fraction!r}, but {broken}")
 
     def _check_quiet(
         self, masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
@@ -254,6 +359,9 @@ class Training:
                 self._fail(fqn, "scheduler.step() changed weights on a step without an update")
 
     def finish(self) -> None:
+        """The end of the run: the layers get their own structures back, then ``t_end`` holds."""
+        for fqn, layer in self.scheduler.layers.items():
+            layer.structure = self.structures[fqn]
         if "timing" not in self.monitors:
             return
         t_end = self.scheduler.config.t_end

@@ -2,9 +2,11 @@
 
 Every check takes the criterion and keyword-only options: ``contexts`` (a
 :class:`~sparsity_core.ScoreContext` or a strategy of them; default: the kit's
-:func:`~sparsity_core.testing.strategies.score_contexts`) and ``max_examples``. A check
-returns nothing and raises :class:`AssertionError` naming the check, the criterion, the layer
-and what broke; the falsifying context is attached by hypothesis.
+:func:`~sparsity_core.testing.strategies.score_contexts`), ``max_examples`` and ``device``
+(default ``"cpu"``: contexts are drawn on the CPU and moved there, their generator included, so
+``device="cuda"`` checks a criterion's GPU path; a device that cannot be used fails the check
+naming it). A check returns nothing and raises :class:`AssertionError` naming the check, the
+criterion, the layer and what broke; the falsifying context is attached by hypothesis.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from hypothesis.strategies import SearchStrategy
 from ..context import ScoreContext
 from ..errors import CapabilityError
 from ..protocols import capabilities_of
-from ._common import FAST, Draw, _call, _fail, _same, _unchanged, run_examples
+from ._common import FAST, Draw, _call, _device, _fail, _same, _unchanged, run_examples
 from ._tensor_strategies import _strategy, score_contexts
 
 __all__ = [
@@ -50,23 +52,48 @@ def _scores(check: str, criterion: Any, ctx: ScoreContext) -> torch.Tensor:
     return out
 
 
+def _moved(ctx: ScoreContext, device: torch.device) -> ScoreContext:
+    """``ctx`` with every tensor on ``device`` and a generator there seeded as its own."""
+    if ctx.weight.device == device and ctx.generator.device == device:
+        return ctx
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, Mapping):
+            return {key: move(item) for key, item in value.items()}
+        return value
+
+    fields = {f.alias: move(getattr(ctx, f.name)) for f in attrs.fields(type(ctx))}
+    fields["generator"] = torch.Generator(device=device)
+    fields["generator"].manual_seed(ctx.generator.initial_seed())
+    return type(ctx)(**fields)
+
+
 def _each_context(
     check: str,
+    criterion: Any,
     contexts: Contexts,
     default: SearchStrategy[ScoreContext],
     body: Callable[[ScoreContext], None],
     max_examples: int | None,
+    device: Any,
 ) -> None:
     chosen = default if contexts is None else _strategy(contexts)
+    on = _device(check, criterion, device)
 
     def example(draw: Draw) -> None:
-        body(draw(chosen, label="ctx"))
+        body(_moved(draw(chosen, label="ctx"), on))
 
     run_examples(check, example, cost=FAST, max_examples=max_examples)
 
 
 def check_criterion_shape_dtype_device(
-    criterion: Any, *, contexts: Contexts = None, max_examples: int | None = None
+    criterion: Any,
+    *,
+    contexts: Contexts = None,
+    max_examples: int | None = None,
+    device: Any = "cpu",
 ) -> None:
     """Scores are a tensor with the weight's shape, dtype and device."""
     check = "check_criterion_shape_dtype_device"
@@ -81,11 +108,15 @@ def check_criterion_shape_dtype_device(
             if got != want:
                 _fail(check, criterion, _where(ctx), f"scores() have {what} {got}, not {want}")
 
-    _each_context(check, contexts, score_contexts(), body, max_examples)
+    _each_context(check, criterion, contexts, score_contexts(), body, max_examples, device)
 
 
 def check_criterion_finite(
-    criterion: Any, *, contexts: Contexts = None, max_examples: int | None = None
+    criterion: Any,
+    *,
+    contexts: Contexts = None,
+    max_examples: int | None = None,
+    device: Any = "cpu",
 ) -> None:
     """Scores are finite wherever every input is finite."""
     check = "check_criterion_finite"
@@ -93,7 +124,9 @@ def check_criterion_finite(
     def body(ctx: ScoreContext) -> None:
         _assert_finite(check, criterion, ctx, "although every input is finite")
 
-    _each_context(check, contexts, score_contexts(finite=True), body, max_examples)
+    _each_context(
+        check, criterion, contexts, score_contexts(finite=True), body, max_examples, device
+    )
 
 
 def _assert_finite(check: str, criterion: Any, ctx: ScoreContext, why: str) -> None:
@@ -126,7 +159,11 @@ def _context_tensors(ctx: ScoreContext) -> dict[str, torch.Tensor]:
 
 
 def check_criterion_inputs_unchanged(
-    criterion: Any, *, contexts: Contexts = None, max_examples: int | None = None
+    criterion: Any,
+    *,
+    contexts: Contexts = None,
+    max_examples: int | None = None,
+    device: Any = "cpu",
 ) -> None:
     """Scoring modifies no tensor of the context (weight, mask, gradient, state, ...)."""
     check = "check_criterion_inputs_unchanged"
@@ -138,11 +175,15 @@ def check_criterion_inputs_unchanged(
         _unchanged(check, criterion, _where(ctx), before, tensors)
 
     default = score_contexts(finite=st.booleans(), degenerate=st.booleans())
-    _each_context(check, contexts, default, body, max_examples)
+    _each_context(check, criterion, contexts, default, body, max_examples, device)
 
 
 def check_criterion_deterministic(
-    criterion: Any, *, contexts: Contexts = None, max_examples: int | None = None
+    criterion: Any,
+    *,
+    contexts: Contexts = None,
+    max_examples: int | None = None,
+    device: Any = "cpu",
 ) -> None:
     """The same context and generator state give the same scores (NaN where NaN)."""
     check = "check_criterion_deterministic"
@@ -162,7 +203,7 @@ def check_criterion_deterministic(
             )
 
     default = score_contexts(finite=st.booleans())
-    _each_context(check, contexts, default, body, max_examples)
+    _each_context(check, criterion, contexts, default, body, max_examples, device)
 
 
 def _global_rng_states() -> dict[str, Any]:
@@ -187,7 +228,11 @@ def _rng_equal(a: Any, b: Any) -> bool:
 
 
 def check_criterion_no_global_rng(
-    criterion: Any, *, contexts: Contexts = None, max_examples: int | None = None
+    criterion: Any,
+    *,
+    contexts: Contexts = None,
+    max_examples: int | None = None,
+    device: Any = "cpu",
 ) -> None:
     """Scoring leaves the global RNGs (torch, CUDA, ``random``, numpy) untouched."""
     check = "check_criterion_no_global_rng"
@@ -206,11 +251,15 @@ def check_criterion_no_global_rng(
                 f"ctx.generator (e.g. torch.rand(shape, generator=ctx.generator))",
             )
 
-    _each_context(check, contexts, score_contexts(), body, max_examples)
+    _each_context(check, criterion, contexts, score_contexts(), body, max_examples, device)
 
 
 def check_criterion_degenerate_inputs(
-    criterion: Any, *, contexts: Contexts = None, max_examples: int | None = None
+    criterion: Any,
+    *,
+    contexts: Contexts = None,
+    max_examples: int | None = None,
+    device: Any = "cpu",
 ) -> None:
     """All-zero gradients, all-zero weights, empty or full masks and ties give valid scores.
 
@@ -228,11 +277,11 @@ def check_criterion_degenerate_inputs(
         )
 
     default = score_contexts(degenerate=True)
-    _each_context(check, contexts, default, body, max_examples)
+    _each_context(check, criterion, contexts, default, body, max_examples, device)
 
 
 def check_criterion_capabilities_declared(
-    criterion: Any, *, max_examples: int | None = None
+    criterion: Any, *, max_examples: int | None = None, device: Any = "cpu"
 ) -> None:
     """The criterion reads only the inputs its ``capabilities`` declare, as the engine provides.
 
@@ -267,4 +316,6 @@ def check_criterion_capabilities_declared(
                 "stochastic=True",
             )
 
-    _each_context(check, None, score_contexts(capabilities=caps), body, max_examples)
+    _each_context(
+        check, criterion, None, score_contexts(capabilities=caps), body, max_examples, device
+    )

@@ -22,7 +22,7 @@ from ..errors import SparsityError
 from ..layers import LayerSpec
 from ..registry import ComponentType
 from ..structures import compose_structures, describe
-from ._common import FAST, Draw, _call, _fail, run_examples
+from ._common import FAST, Draw, _call, _device, _fail, run_examples
 from ._component_strategies import _registered_tuples
 from ._registered import registry
 from ._structure_strategies import structured_masks, structured_specs
@@ -82,17 +82,6 @@ def _options(check: str, fmt: Any, supported: bool | None) -> list[tuple[Any, ..
             f"supports() accepts none of {[_label(t) for t in options]}, so nothing can be "
             f"stored or checked",
         )
-    return chosen
-
-
-def _device(check: str, fmt: Any, device: Any) -> torch.device:
-    """``device`` as a torch.device, or a failure saying why it cannot be used."""
-    try:
-        chosen = torch.device(device)
-        torch.empty(0, device=chosen)
-    except (AssertionError, RuntimeError, TypeError, ValueError) as exc:
-        # (torch built without CUDA raises AssertionError for "cuda")
-        _fail(check, fmt, f"device {device!r}", f"cannot allocate there ({exc}); pick another")
     return chosen
 
 

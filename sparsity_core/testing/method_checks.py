@@ -39,6 +39,8 @@ from .run_checks import (
 __all__ = [
     "check_method_budget_conserved",
     "check_method_checkpoint_resume",
+    "check_method_drop_count",
+    "check_method_drop_keeps_highest",
     "check_method_dropped_subset_of_active",
     "check_method_grown_subset_of_inactive",
     "check_method_grown_weights_and_state_zero",
@@ -132,6 +134,21 @@ check_method_dropped_subset_of_active = _method_check(
     "dropped",
     """Dropped weights were active: each update's record counts exactly the active weights
     that left the mask, at the step it happened.""",
+)
+check_method_drop_keeps_highest = _method_check(
+    "check_method_drop_keeps_highest",
+    "keep_highest",
+    """Each update's drop keeps the highest prune scores its structure allows: the structure's
+    ``keep()``, given the update's prune scores, never chooses the lower score of a pair it
+    trades by score (see :func:`~sparsity_core.testing.check_structure_keep_highest`).""",
+)
+check_method_drop_count = _method_check(
+    "check_method_drop_count",
+    "drop_count",
+    """Each update drops the fraction of the active weights its record states (or, when fewer,
+    as many as can be regrown), missing it by less than one weight or the structure's declared
+    ``drop_tolerance`` (see :func:`~sparsity_core.testing.check_structure_keep_drop_count`);
+    weights of neurons that neuron ablation removes afterwards are not part of the drop.""",
 )
 check_method_grown_subset_of_inactive = _method_check(
     "check_method_grown_subset_of_inactive",

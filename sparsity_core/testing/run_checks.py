@@ -26,6 +26,7 @@ from ._training import (
     OptimizerFactory,
     Training,
     method_name,
+    registry_for,
 )
 
 __all__ = [
@@ -52,9 +53,12 @@ def check_method_run(
     under neuron ablation the structure's realized budget, and satisfies its structure; inactive
     weights and inactive parameter-shaped optimizer state are exactly 0; masks are updated in
     place. On update steps the records match the masks (no weight dropped and regrown in one
-    update), grown weights are 0 and weights that stayed active are untouched; on other steps
-    masks and weights are unchanged; nothing is recorded at or after ``t_end``. An
-    :class:`~sparsity_core.errors.UpdateError` from the scheduler is a failure too.
+    update), the drop keeps the highest prune scores its structure allows and drops the
+    fraction the record states, grown weights are 0 and weights that stayed active are
+    untouched; on other steps masks and weights are unchanged; nothing is recorded at or after
+    ``t_end``. An :class:`~sparsity_core.errors.UpdateError` from the scheduler is a failure too.
+    Components no plugin registers are registered for the run only (the scheduler saves
+    components by name).
 
     Args:
         model_factory: builds the model (the same initial weights on every call).
@@ -227,7 +231,9 @@ def check_checkpoint_resume(
     model = model_factory()
     optimizer = optimizer_factory(model.parameters())
     try:
-        scheduler = DSTScheduler.from_state_dict(model, optimizer, state["scheduler"])
+        scheduler = DSTScheduler.from_state_dict(
+            model, optimizer, state["scheduler"], registry=registry_for(config)
+        )
     except (UpdateError, CheckpointError) as exc:
         _fail(check, method, f"step {resume_at}", f"from_state_dict failed: {exc}")
     model.load_state_dict(state["model"])

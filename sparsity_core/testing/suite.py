@@ -35,9 +35,12 @@ from .format_checks import (
     check_format_rejects_unsupported,
     check_format_round_trip,
 )
+from .keep_checks import check_structure_keep_drop_count, check_structure_keep_highest
 from .method_checks import (
     check_method_budget_conserved,
     check_method_checkpoint_resume,
+    check_method_drop_count,
+    check_method_drop_keeps_highest,
     check_method_dropped_subset_of_active,
     check_method_grown_subset_of_inactive,
     check_method_grown_weights_and_state_zero,
@@ -75,6 +78,8 @@ Check = Callable[..., None]
 METHOD_CHECKS: tuple[Check, ...] = (
     check_method_budget_conserved,
     check_method_dropped_subset_of_active,
+    check_method_drop_keeps_highest,
+    check_method_drop_count,
     check_method_grown_subset_of_inactive,
     check_method_zero_drop_is_identity,
     check_method_structure_holds,
@@ -103,6 +108,8 @@ CHECKS: dict[str, tuple[Check, ...]] = {
         check_structure_select,
         check_structure_select_idempotent,
         check_structure_keep,
+        check_structure_keep_highest,
+        check_structure_keep_drop_count,
         check_structure_satisfied_rejects_violations,
     ),
     "distribution": (

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -91,6 +92,7 @@ def train(
     }
 
 
+@attrs.frozen
 class GlobalRngGrowth:
     """Breaks the rules on layer '2': scores from the global RNG, seeded differently per rank."""
 
@@ -107,7 +109,10 @@ def diverged_growth(world: int, rank: int) -> dict[str, Any]:
     model = build_model()
     wrapped = DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = sc.DSTScheduler(wrapped, optimizer, config, total_steps=STEPS, verify_ranks=True)
+    registry = sc.get_registry().with_component("growth", "global_rng", GlobalRngGrowth)
+    scheduler = sc.DSTScheduler(
+        wrapped, optimizer, config, total_steps=STEPS, verify_ranks=True, registry=registry
+    )
     x, y = global_batch(0)
     for step in range(1, DELTA_T + 1):
         optimizer.zero_grad()

@@ -155,6 +155,41 @@ class DropsAtZero(Unstructured):
         return topk_mask(scores, max(active - 1, 0), mask)
 
 
+class _KeepsLowest:
+    """keep() ranks by the negated scores: it keeps the lowest-scored weights."""
+
+    def keep(self, scores, mask, fraction, spec):
+        return super().keep(-scores, mask, fraction, spec)
+
+
+class _DropsTwice:
+    """keep() drops twice the requested fraction (a record still says the requested one)."""
+
+    def keep(self, scores, mask, fraction, spec):
+        return super().keep(scores, mask, min(1.0, 2.0 * fraction), spec)
+
+
+@attrs.frozen
+class KeepsLowest(_KeepsLowest, Unstructured):
+    """Unstructured, keeping the lowest scores."""
+
+
+@attrs.frozen
+class KeepsLowestNM(_KeepsLowest, NM):
+    """N:M, keeping the lowest scores."""
+
+
+@attrs.frozen
+class DropsTwice(_DropsTwice, Unstructured):
+    """Unstructured, dropping twice the fraction."""
+
+
+@attrs.frozen
+class DropsTwiceNM(_DropsTwice, NM):
+    """N:M, dropping twice the fraction (within one weight per group of M of the request when
+    N is 1 or 2, so a tolerance of a weight per group would miss it)."""
+
+
 @attrs.frozen
 class GenerousBudget(Unstructured):
     """budget() rounds up and adds one more weight."""

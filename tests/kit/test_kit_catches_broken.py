@@ -17,6 +17,8 @@ from _broken_components import (
     DoubleScoresPrune,
     DriftingFill,
     DropsAtZero,
+    DropsTwice,
+    DropsTwiceNM,
     FlatScoresGrowth,
     GenerousBudget,
     GlobalRngGrowth,
@@ -25,6 +27,8 @@ from _broken_components import (
     InferringCSR,
     InverseMagnitudePrune,
     KeepsInactive,
+    KeepsLowest,
+    KeepsLowestNM,
     LeakyDense,
     MutatingGrowth,
     NaNAtEndDrop,
@@ -43,6 +47,8 @@ from _broken_components import (
     preset_ignoring_overrides,
     preset_without_overrides,
 )
+from sparsity_formats.csr import CSR
+from sparsity_plugins.prune_criteria import MagnitudePrune
 
 import sparsity_core.engine as engine
 import sparsity_core.scheduler as scheduler_module
@@ -50,6 +56,7 @@ from sparsity_core import DSTConfig, DSTScheduler
 from sparsity_core.engine import LayerState, MaskChange
 from sparsity_core.testing import (
     CHECKS,
+    check_component,
     check_criterion_capabilities_declared,
     check_criterion_degenerate_inputs,
     check_criterion_deterministic,
@@ -66,6 +73,8 @@ from sparsity_core.testing import (
     check_format_round_trip,
     check_method_budget_conserved,
     check_method_checkpoint_resume,
+    check_method_drop_count,
+    check_method_drop_keeps_highest,
     check_method_dropped_subset_of_active,
     check_method_grown_subset_of_inactive,
     check_method_grown_weights_and_state_zero,
@@ -79,6 +88,8 @@ from sparsity_core.testing import (
     check_schedule_fraction_in_range,
     check_structure_budget,
     check_structure_keep,
+    check_structure_keep_drop_count,
+    check_structure_keep_highest,
     check_structure_satisfied_rejects_violations,
     check_structure_select,
     check_structure_select_idempotent,
@@ -115,6 +126,10 @@ COMPONENT_CASES = [
     _case(check_structure_keep, KeepsInactive(), "kept 1 inactive"),
     _case(check_structure_keep, OverDroppingKeep(), "inactive positions they could be regrown"),
     _case(check_structure_keep, DropsAtZero(), "at fraction 0"),
+    _case(check_structure_keep_highest, KeepsLowest(), "it keeps the lower score"),
+    _case(check_structure_keep_highest, KeepsLowestNM(), "it keeps the lower score"),
+    _case(check_structure_keep_drop_count, DropsTwice(), r"were asked: [\d.]+ off"),
+    _case(check_structure_keep_drop_count, DropsTwiceNM(), r"were asked: [\d.]+ off"),
     _case(check_structure_budget, GenerousBudget(), "half a weight per rounding group"),
     _case(check_structure_satisfied_rejects_violations, AlwaysSatisfied(), "one weight"),
     _case(check_structure_satisfied_rejects_violations, CountOnlyNM(), "breaks N:M"),
@@ -148,24 +163,33 @@ class TestBrokenComponents:
         assert check.__name__ in str(info.value)
 
 
-class TestFormatChecksOnADevice:
-    """The format checks take ``device``: the broken formats fail there too, and a device that
-    cannot be used is a failure naming it (CUDA runs are in ``tests/unit/test_cuda.py``)."""
+class TestChecksOnADevice:
+    """The format and criterion checks take ``device``: the broken formats and criteria fail
+    there too, and a device that cannot be used is a failure naming it (CUDA runs are in
+    ``tests/unit/test_cuda.py``)."""
 
     @pytest.mark.parametrize(
         ("check", "component", "match"),
-        [c for c in COMPONENT_CASES if c.values[0].__name__.startswith("check_format_")],
+        [
+            c
+            for c in COMPONENT_CASES
+            if c.values[0].__name__.startswith(("check_format_", "check_criterion_"))
+        ],
     )
-    def test_broken_formats_fail_with_a_device(self, check, component, match):
+    def test_broken_components_fail_with_a_device(self, check, component, match):
         with pytest.raises(AssertionError, match=match):
             check(component, max_examples=CHEAP, device=torch.device("cpu"))
 
-    @pytest.mark.parametrize("device", ["no-such-device", "cuda:99"])
-    def test_unusable_device_is_named(self, device):
-        from sparsity_formats.csr import CSR
-
-        with pytest.raises(AssertionError, match=rf"device '{device}': cannot allocate there"):
-            check_format_round_trip(CSR(), max_examples=CHEAP, device=device)
+    @pytest.mark.parametrize(
+        "check",
+        [check_format_round_trip, check_criterion_finite, check_criterion_capabilities_declared],
+    )
+    @pytest.mark.parametrize("device", ["no-such-device", "cuda:99", "meta"])
+    def test_unusable_device_is_named(self, check, device):
+        """A device that is unknown, absent or holds no values ("meta") fails before drawing."""
+        component = CSR() if check is check_format_round_trip else MagnitudePrune()
+        with pytest.raises(AssertionError, match=rf"device '{device}': cannot allocate tensors"):
+            check(component, max_examples=CHEAP, device=device)
 
 
 # -- whole methods: broken components inside a run, and a broken engine --------------------------
@@ -285,6 +309,8 @@ METHOD_CASES = [
     ({"structures": DriftingFill()}, check_method_budget_conserved, "rejected"),
     ({"structures": SkewedNM(n=2, m=4)}, check_method_structure_holds, "breaks N:M"),
     ({"structures": KeepsInactive()}, check_method_dropped_subset_of_active, "rejected"),
+    ({"structures": KeepsLowest()}, check_method_drop_keeps_highest, "keeps the lower score"),
+    ({"structures": DropsTwice()}, check_method_drop_count, "record says fraction 0.5"),
 ]
 
 
@@ -308,3 +334,27 @@ def test_every_check_is_shown_failing():
     shown |= {check.__name__ for _, check, _ in ENGINE_CASES + METHOD_CASES}
     every = {check.__name__ for checks in CHECKS.values() for check in checks}
     assert every - shown == set()
+
+
+KEEP_BUGS = [KeepsLowest(), DropsTwice(), KeepsLowestNM(), DropsTwiceNM()]
+
+
+class TestKeepBugs:
+    """A drop that keeps the lowest scores, or drops twice the requested fraction, fails the
+    kit both as a structure and inside a method (issue 15: both passed every check)."""
+
+    @pytest.mark.parametrize("structure", KEEP_BUGS, ids=lambda s: type(s).__name__)
+    def test_a_structure_check_fails(self, structure):
+        """The structure's checks report the broken drop, and nothing else."""
+        results = check_component(structure, raise_on_failure=False, max_examples=50)
+        failed = [r for r in results if r.status == "failed"]
+        assert failed, f"every structure check passed: {[r.check for r in results]}"
+        assert all("keep()" in r.message for r in failed)
+
+    @pytest.mark.parametrize("structure", KEEP_BUGS, ids=lambda s: type(s).__name__)
+    def test_a_method_check_fails(self, structure):
+        """A sound method using the structure fails at least one method check."""
+        method = attrs.evolve(METHOD, structures=structure)
+        results = check_component(method, raise_on_failure=False, max_examples=3)
+        failed = [r.check for r in results if r.status == "failed"]
+        assert failed, f"every method check passed: {[r.check for r in results]}"

@@ -17,6 +17,7 @@ except ModuleNotFoundError:  # Python 3.10
 import sparsity_core.registry as registry_module
 from sparsity_core import get_registry
 from sparsity_core.registry import reset_plugin_cache
+from sparsity_core.testing import CHECKS
 from sparsity_core.testing.profiles import check_settings
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
@@ -91,11 +92,12 @@ class TestPluginGuide:
         test = namespace["test_neuron_gradient_passes_the_kit"]
         (mark,) = test.pytestmark
         params = mark.args[1]
-        assert len(params) == 7 + 3 * 11  # the rule's checks, then three methods'
+        # the rule's checks, then three methods'
+        assert len(params) == len(CHECKS["criterion"]) + 3 * len(CHECKS["method"])
         with check_settings(max_examples=2):
             for param in params:
                 test(*param.values)
             examples = [code for code in _blocks("python") if not code.startswith(FILE_MARK)]
-            assert len(examples) == 2
+            assert len(examples) == 3  # the two usage examples and the in-process registry
             for code in examples:
                 exec(compile(code, str(GUIDE), "exec"), {})

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
 
+import attrs
 import pytest
 import torch
 from torch import nn
@@ -44,12 +46,12 @@ def _assert_untouched(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> No
         assert torch.equal(value, snapshot[key]), f"{key} changed by a failed construction"
 
 
-def _scheduler_error(model, config, error, *, optimizer=None, total_steps=100):
+def _scheduler_error(model, config, error, *, optimizer=None, total_steps=100, registry=None):
     """Build a scheduler that must fail with ``error``; check the model was left as it was."""
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
     snapshot = _snapshot(model)
     with pytest.raises(error) as info:
-        DSTScheduler(model, optimizer, config, total_steps=total_steps)
+        DSTScheduler(model, optimizer, config, total_steps=total_steps, registry=registry)
     _assert_untouched(model, snapshot)
     return str(info.value)
 
@@ -165,6 +167,7 @@ class TestSchedulerArguments:
             DSTScheduler(model, optimizer, DSTConfig(), total_steps=100, verify_ranks="yes")
 
 
+@attrs.frozen
 class OverfullDistribution:
     """A distribution that hands layer 'fc2' a density above 1."""
 
@@ -178,7 +181,7 @@ class TestFanInBudget:
     def test_k_larger_than_fan_in_is_refused(self):
         """A density above 1 (k = 48 > fan-in 32) is a ConfigError naming the layer and value."""
         config = DSTConfig(structures=("constant_fan_in",), distribution=OverfullDistribution())
-        message = _scheduler_error(MLP(), config, ConfigError)
+        message = _scheduler_error(MLP(), config, ConfigError, registry=_registry())
         assert "OverfullDistribution" in message
         assert "'fc2' density 1.5" in message
         assert "outside (0, 1]" in message
@@ -273,6 +276,7 @@ class TestLayerSelection:
         assert "(3, 0)" in message
 
 
+@attrs.frozen
 class RaisingGrowth:
     """A growth criterion that fails on the last layer only (after the others were scored)."""
 
@@ -282,6 +286,7 @@ class RaisingGrowth:
         return torch.rand(ctx.weight.shape, generator=ctx.generator)
 
 
+@attrs.frozen
 class WrongShapeGrowth:
     """A growth criterion returning one score per row for the second layer."""
 
@@ -291,6 +296,7 @@ class WrongShapeGrowth:
         return torch.rand(ctx.weight.shape, generator=ctx.generator)
 
 
+@attrs.frozen
 class RaisingPrune:
     """A prune criterion that fails on the first layer, before any layer was updated."""
 
@@ -298,6 +304,7 @@ class RaisingPrune:
         raise ValueError(f"cannot score {ctx.spec.fqn}")
 
 
+@attrs.frozen
 class ComplexGrowth:
     """A growth criterion returning complex scores, which have no order."""
 
@@ -305,6 +312,7 @@ class ComplexGrowth:
         return torch.zeros(ctx.weight.shape, dtype=torch.complex64)
 
 
+@attrs.frozen
 class ListGrowth:
     """A growth criterion returning a Python list instead of a tensor."""
 
@@ -315,6 +323,7 @@ class ListGrowth:
 NON_FINITE = (float("nan"), float("inf"), float("-inf"))
 
 
+@attrs.frozen
 class NonFiniteGrowth:
     """Growth scores that are NaN / +Inf / -Inf on every other candidate, finite elsewhere."""
 
@@ -326,6 +335,7 @@ class NonFiniteGrowth:
         return scores
 
 
+@attrs.frozen
 class NonFinitePrune:
     """Magnitude scores, but NaN / +Inf / -Inf at the first few active weights of each layer."""
 
@@ -336,11 +346,30 @@ class NonFinitePrune:
         return scores
 
 
+@attrs.frozen
 class AllNaN:
     """Every score NaN: no order at all."""
 
     def scores(self, ctx):
         return torch.full(ctx.weight.shape, float("nan"))
+
+
+_HAND_MADE = {
+    "prune": (RaisingPrune, NonFinitePrune, AllNaN),
+    "growth": (RaisingGrowth, WrongShapeGrowth, ComplexGrowth, ListGrowth, NonFiniteGrowth, AllNaN),
+    "distribution": (OverfullDistribution,),
+}
+
+
+@functools.cache
+def _registry() -> sparsity_core.Registry:
+    """The installed components plus this file's hand-made ones, registered in-process (a
+    scheduler refuses components it could not save by name)."""
+    registry = sparsity_core.get_registry()
+    for ctype, classes in _HAND_MADE.items():
+        for cls in classes:
+            registry = registry.with_component(ctype, cls.__name__, cls)
+    return registry
 
 
 class TestNonFiniteScores:
@@ -350,7 +379,7 @@ class TestNonFiniteScores:
         model = MLP()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         config = sparsity_core.preset("set", density=0.2, delta_t=3, prune=prune, grow=grow)
-        scheduler = DSTScheduler(model, optimizer, config, total_steps=40)
+        scheduler = DSTScheduler(model, optimizer, config, total_steps=40, registry=_registry())
         gen = torch.Generator().manual_seed(0)
         updates = []
         for _ in range(steps):
@@ -404,7 +433,7 @@ class TestUpdateFailures:
         model = MLP()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         config = sparsity_core.preset("rigl", density=0.2, delta_t=3, **overrides)
-        scheduler = DSTScheduler(model, optimizer, config, total_steps=40)
+        scheduler = DSTScheduler(model, optimizer, config, total_steps=40, registry=_registry())
         return model, optimizer, scheduler
 
     def test_nan_gradients_keep_the_budget(self):

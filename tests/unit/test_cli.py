@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import attrs
 import pytest
 import torch
 
 from sparsity_core.cli import main
 from sparsity_core.data import load_dataset
+from sparsity_core.errors import CheckpointError
 from sparsity_core.train import Recipe, train_run
 
 pytest.importorskip("sklearn", reason="the main job's digits dataset ships with scikit-learn")
@@ -207,18 +210,135 @@ class TestExportCommand:
         assert not (tmp_path / "rigl-seed0.condensed.pt").exists()
 
 
+class _Crash(Exception):
+    pass
+
+
+class _CrashAt:
+    """A progress bar that raises after ``step`` training steps (a crash mid-run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.seen = step, 0
+
+    def update(self, n: int = 1, *, postfix: str | None = None) -> None:
+        self.seen += n if postfix is None else 1
+        if postfix is not None and self.seen >= self.step:
+            raise _Crash
+
+
+RECIPE = Recipe(epochs=3, hidden=(32,), delta_t=7)  # digits: 23 steps per epoch, 69 in all
+
+
 class TestCheckpointResume:
+    """The main job's checkpoints: the last step is saved, and a resume continues that run."""
+
+    def _crashed(self, tmp_path, at: int = 45):
+        data = load_dataset("digits")
+        ckpt = tmp_path / "rigl.pt"
+        with pytest.raises(_Crash):
+            train_run(
+                "rigl",
+                data,
+                RECIPE,
+                seed=3,
+                checkpoint=ckpt,
+                checkpoint_every=30,
+                progress=_CrashAt(at),
+            )
+        return data, ckpt
+
     def test_resumed_run_ends_identically(self, tmp_path):
         """Resuming from a mid-run checkpoint ends with the uninterrupted run's exact results."""
         torch.set_num_threads(1)
-        data = load_dataset("digits")
-        recipe = Recipe(epochs=3, hidden=(32,), delta_t=7)
-        ckpt = tmp_path / "rigl.pt"
-        full = train_run("rigl", data, recipe, seed=3, checkpoint=ckpt, checkpoint_every=30)
-        saved = torch.load(ckpt, weights_only=True)
-        assert saved["step"] == 60  # the last multiple of 30 before the end (69 steps)
-        resumed = train_run("rigl", data, recipe, seed=3, checkpoint=ckpt, resume=True)
-        assert resumed.steps == full.steps - 60
+        data, ckpt = self._crashed(tmp_path)
+        assert torch.load(ckpt, weights_only=True)["step"] == 30
+        full = train_run("rigl", data, RECIPE, seed=3)
+        resumed = train_run("rigl", data, RECIPE, seed=3, checkpoint=ckpt, resume=True)
+        assert (resumed.steps, resumed.resumed_from, full.steps) == (69, 30, 69)
         assert resumed.test_accuracy == full.test_accuracy
         assert resumed.train_loss == full.train_loss
         assert resumed.layers == full.layers
+
+    def test_the_last_step_is_always_saved(self, tmp_path):
+        """--checkpoint-every 30 on a 69-step run saves steps 30, 60 and 69 (the end)."""
+        data = load_dataset("digits")
+        ckpt = tmp_path / "rigl.pt"
+        full = train_run("rigl", data, RECIPE, seed=3, checkpoint=ckpt, checkpoint_every=30)
+        saved = torch.load(ckpt, weights_only=True)
+        assert saved["step"] == full.steps == 69
+        assert saved["train_loss"] == full.train_loss
+
+    def test_resuming_a_finished_run_reports_its_results(self, tmp_path):
+        """No step left to train: the loss and step count come from the checkpoint, not NaN."""
+        data = load_dataset("digits")
+        ckpt = tmp_path / "rigl.pt"
+        full = train_run("rigl", data, RECIPE, seed=3, checkpoint=ckpt, checkpoint_every=30)
+        again = train_run("rigl", data, RECIPE, seed=3, checkpoint=ckpt, resume=True)
+        assert (again.steps, again.resumed_from) == (69, 69)
+        assert again.train_loss == full.train_loss
+        assert again.test_accuracy == full.test_accuracy
+
+    @pytest.mark.parametrize(
+        ("flag", "change", "shown"),
+        [
+            ("--sparsity", {"sparsity": 0.8}, "--sparsity 0.9 in the checkpoint, 0.8 now"),
+            ("--epochs", {"epochs": 4}, "--epochs 3 in the checkpoint, 4 now"),
+            ("--hidden", {"hidden": (64,)}, "--hidden 32 in the checkpoint, 64 now"),
+        ],
+    )
+    def test_changed_flags_are_refused_on_resume(self, tmp_path, flag, change, shown):
+        """A resume with another --sparsity or --epochs names the flag and both values."""
+        data, ckpt = self._crashed(tmp_path)
+        recipe = attrs.evolve(RECIPE, **change)
+        with pytest.raises(CheckpointError) as info:
+            train_run("rigl", data, recipe, seed=3, checkpoint=ckpt, resume=True)
+        assert shown in str(info.value) and flag in str(info.value)
+
+    def test_cli_resume_with_another_sparsity_exits_2(self, tmp_path, capsys):
+        """The CLI reports the mismatch as an error, before any training."""
+        args = ["train", "--method", "rigl", "--no-dense", "--checkpoint-dir", str(tmp_path)]
+        args += ["--checkpoint-every", "50", *TINY]
+        threads = torch.get_num_threads()
+        try:
+            assert main(args) == 0
+            capsys.readouterr()
+            assert main([*args, "--resume", "--sparsity", "0.8"]) == 2
+        finally:
+            torch.set_num_threads(threads)
+        err = capsys.readouterr().err
+        assert "--sparsity 0.9 in the checkpoint, 0.8 now" in err
+
+
+class TestExportCheckpointErrors:
+    """`sparsity-core export` on a damaged file: our message, naming the file, never torch's."""
+
+    def _checkpoint(self, tmp_path) -> Path:
+        args = ["train", "--method", "srigl", "--no-dense", "--checkpoint-dir", str(tmp_path)]
+        threads = torch.get_num_threads()
+        try:
+            assert main([*args, "--checkpoint-every", "5", *TINY]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        return tmp_path / "srigl-seed0.pt"
+
+    def test_truncated_file(self, tmp_path, capsys):
+        path = self._checkpoint(tmp_path)
+        data = path.read_bytes()
+        for cut in (len(data) // 2, 100, 0):
+            path.write_bytes(data[:cut])
+            capsys.readouterr()
+            assert main(["export", str(path)]) == 2
+            err = capsys.readouterr().err
+            assert "srigl-seed0.pt" in err and "truncated or corrupt" in err
+            reason = err.split("cannot be read (")[1].split(")")[0]
+            assert reason.strip(), err
+
+    def test_tampered_file(self, tmp_path, capsys):
+        """A file that asks to unpickle code is refused without torch's 'weights_only=False' tip."""
+        path = tmp_path / "evil.pt"
+        torch.save({"arch": print, "model": {}}, path)
+        capsys.readouterr()
+        assert main(["export", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "evil.pt" in err and "refuses to unpickle" in err
+        assert "will likely succeed" not in err

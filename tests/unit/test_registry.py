@@ -212,10 +212,11 @@ class TestHandMadePlugins:
         model = _mlp()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scheduler = DSTScheduler(model, optimizer, config, total_steps=10, registry=registry)
-        model(torch.randn(4, 8)).sum().backward()
-        optimizer.step()
-        scheduler.step()
-        records = scheduler.step()
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(4, 8)).sum().backward()
+            optimizer.step()
+            records = scheduler.step()
         assert [r.fqn for r in records] == ["fc1", "fc2"]
         assert all(r.grown > 0 for r in records)
 

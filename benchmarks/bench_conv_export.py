@@ -21,6 +21,8 @@ import time
 import warnings
 from pathlib import Path
 
+from sparsity_core.checkpoint import write_text
+
 LAYERS = (  # (kind, in channels, out channels, kernel, padding, input size)
     ("Conv1d", 64, 128, 5, 2, (40,)),
     ("Conv1d", 128, 256, 3, 1, (20,)),
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"threads": args.threads, "density": DENSITY, "rounds": ROUNDS, "calls": CALLS}
     meta["torch"] = torch.__version__
     path = args.out / "bench_conv_export.json"
-    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+    write_text(path, json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
 

@@ -40,7 +40,6 @@ Before any timing, every implementation's output is checked against
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -53,6 +52,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from sparsity_core.checkpoint import write_text
 
 RESULT_MARKER = "@@BENCH_FORMATS_RESULT@@"
 
@@ -168,6 +169,7 @@ def make_impls(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     import numpy as np
     import torch
     import torch.nn.functional as F
+
     from sparsity_formats.condensed import Condensed
     from sparsity_formats.csr import CSR
     from sparsity_formats.dense_masked import DenseMasked
@@ -491,8 +493,9 @@ def run_profile(args: argparse.Namespace) -> None:
     import pstats
 
     import torch
-    from sparsity_formats.condensed import Condensed
     from torch.profiler import ProfilerActivity, profile
+
+    from sparsity_formats.condensed import Condensed
 
     torch.set_num_threads(args.threads[-1])
     in_f, out_f = args.shapes[-1]
@@ -1050,11 +1053,10 @@ def main(argv: list[str] | None = None) -> int:
         "native": native,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        args.out.unlink()
-    args.out.write_text(
+    write_text(
+        args.out,
         json.dumps({"meta": meta, "targets": checks, "results": results, "table": table}, indent=2)
-        + "\n"
+        + "\n",
     )
     print(f"\nwrote {args.out}")
     return 0

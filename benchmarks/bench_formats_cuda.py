@@ -38,6 +38,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sparsity_core.checkpoint import write_text
+
 SHAPES: tuple[tuple[int, int], ...] = ((768, 3072), (3072, 768), (4096, 4096), (8192, 8192))
 BATCHES: tuple[int, ...] = (1, 256, 4096)
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
@@ -69,6 +71,7 @@ def _build(name: str, w: Any, mask: Any) -> Any:
     """``(call(x, b), packed weight)`` for one implementation (``F.linear``: the dense weight)."""
     import torch
     import torch.nn.functional as F
+
     from sparsity_formats._common import finish_output, gather_matmul
     from sparsity_formats.condensed import Condensed
     from sparsity_formats.csr import CSR
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "calls_per_round": f"up to {CALLS}, about {ROUND_US:.0f} us of calls",
     }
     path = args.out_dir / "bench_formats_cuda.json"
-    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
+    write_text(path, json.dumps({"meta": meta, "results": rows}, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
 

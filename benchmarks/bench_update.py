@@ -32,7 +32,6 @@ the drop fraction is then the preset's cosine schedule at step ``k * ΔT`` (abou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import functools
 import itertools
@@ -45,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from sparsity_core.checkpoint import write_text
 
 DELTA_T = 100
 TOTAL_STEPS = 100_000  # t_end = 75 000: every measured update lies well inside the window
@@ -571,11 +572,10 @@ def main(argv: list[str] | None = None) -> int:
             "meets_targets": r["update_s"] / r["step_s"] < 3
             and r["update_s"] / (DELTA_T * r["step_s"]) < 0.03,
         }
-    with contextlib.suppress(FileNotFoundError):
-        args.out.unlink()
-    args.out.write_text(
+    write_text(
+        args.out,
         json.dumps({"meta": meta, "summary": summary, "results": results, "table": table}, indent=2)
-        + "\n"
+        + "\n",
     )
     print(f"\nwrote {args.out}")
     return 0

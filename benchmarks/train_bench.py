@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sparsity_core.bench.main import main
+from sparsity_app.bench.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main(default_out=str(Path(__file__).resolve().parent / "results")))

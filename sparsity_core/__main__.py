@@ -1,7 +1,11 @@
-"""``python -m sparsity_core``: the same as the ``sparsity-core`` command."""
+"""``python -m sparsity_core``: the ``sparsity-core`` command, which the application provides.
+
+This is the library's one door to the application (:mod:`sparsity_app`): the library itself
+never imports it.
+"""
 
 import sys
 
-from .cli import main
+from sparsity_app.cli import main
 
 sys.exit(main())

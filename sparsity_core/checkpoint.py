@@ -9,12 +9,13 @@ can be unreadable into a :class:`CheckpointError` naming the file and the proble
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -27,36 +28,55 @@ from .structures import describe, realized_budget
 
 __all__ = [
     "SCHEMA_VERSION",
+    "atomic_file",
     "check_layers",
     "check_layout",
     "check_schema",
     "load_checkpoint",
     "save_checkpoint",
     "saved_config",
+    "write_text",
 ]
 
 SCHEMA_VERSION = 1
 _REQUIRED = {"config", "step", "layers", "masks", "ever_active"}
 
 
-def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` with ``torch.save`` to ``path`` atomically; returns the path.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Write ``path`` atomically: yield a binary handle on a temporary file in the same folder,
+    then flush, ``fsync`` and rename it over ``path``.
 
-    The data goes to a temporary file in the same folder, is flushed to disk, then renamed over
-    ``path`` (``os.replace`` is atomic), so a reader never sees a partly written checkpoint.
+    ``os.replace`` is atomic, so a reader (or a process killed mid-write) never sees a partly
+    written file: it finds the previous version or the new one. If the body raises, the
+    temporary file is removed and ``path`` is untouched. Every file the project writes to
+    keep (checkpoints, exported models, result stores, dataset caches) goes through here.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_file`); returns the path."""
+    with atomic_file(path) as handle:
+        handle.write(text.encode())
+    return Path(path)
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``obj`` with ``torch.save`` to ``path`` atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
+    return Path(path)
 
 
 def load_checkpoint(

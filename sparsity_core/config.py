@@ -380,9 +380,12 @@ _FIELD_TYPES = {
 }
 
 
-def preset(name: str, **overrides: Any) -> DSTConfig:
-    """The registered method preset ``name`` (e.g. ``rigl``, ``set``, ``static``) with overrides."""
-    factory = get_registry().get(ComponentType.PRESET, name)
+def preset(name: str, *, registry: Registry | None = None, **overrides: Any) -> DSTConfig:
+    """The registered method preset ``name`` (e.g. ``rigl``, ``set``, ``static``) with overrides.
+
+    ``name`` is looked up in ``registry`` (default: the process-wide one).
+    """
+    factory = (registry or get_registry()).get(ComponentType.PRESET, name)
     try:
         config = factory(**overrides)
     except TypeError as exc:

@@ -16,20 +16,25 @@ in :mod:`sparsity_core.protocols`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from .registry import RegisterFn
     from .telemetry import UpdateRecord
 
 PROJECT_NAME = "sparsity_core"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class RegisterFn(Protocol):
+    """The callable passed to every ``sparsity_register_*`` hook."""
+
+    def __call__(self, name: str, component: Any, *, summary: str = "") -> None: ...
 
 
 @hookspec

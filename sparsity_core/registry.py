@@ -20,7 +20,7 @@ import importlib.metadata as importlib_metadata
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 import pluggy
@@ -32,6 +32,7 @@ from .errors import (
     PluginLoadError,
     UnknownComponentError,
 )
+from .hookspecs import RegisterFn
 
 __all__ = [
     "BUILTIN_DISTRIBUTION",
@@ -51,12 +52,6 @@ BUILTIN_DISTRIBUTION = "sparsity-core"
 ENV_DISABLE_AUTOLOAD = "SPARSITY_CORE_DISABLE_AUTOLOAD"
 ENV_BLOCK = "SPARSITY_CORE_BLOCK_PLUGINS"
 ENV_TRACE = "SPARSITY_CORE_TRACE_HOOKS"
-
-
-class RegisterFn(Protocol):
-    """The callable passed to every ``sparsity_register_*`` hook."""
-
-    def __call__(self, name: str, component: Any, *, summary: str = "") -> None: ...
 
 
 class ComponentType(str, enum.Enum):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import attrs
 import torch
 from torch import nn
 
@@ -32,14 +30,13 @@ from .engine import (
 )
 from .errors import (
     ConfigError,
-    LayerError,
     SchedulerStateError,
     SparsityWarning,
-    UnknownComponentError,
     UpdateError,
 )
-from .layers import LayerSpec, SkippedLayer, select_layers, split_frozen, unsupported_weights
+from .layers import SkippedLayer
 from .optim_state import check_optimizer_holds, param_shaped_state, reset_state_at
+from .planning import Plan, layer_shapes, plan_layers
 from .protocols import Capabilities, capabilities_of
 from .registry import Registry, get_registry
 from .selection import count
@@ -127,93 +124,53 @@ class DSTScheduler:
         registry: Registry | None = None,
         verify_ranks: bool = False,
         process_group: Any = None,
-        _resume: Mapping[str, Any] | None = None,
     ) -> None:
-        if not isinstance(config, DSTConfig):
-            raise ConfigError(f"DSTScheduler needs a DSTConfig, got {type(config).__name__}.")
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
-            raise ConfigError(f"total_steps={total_steps!r} must be a positive integer.")
+        plan = plan_layers(unwrap_model(model), config, total_steps=total_steps, registry=registry)
+        self._attach(plan, optimizer, registry, verify_ranks, process_group, resume=None)
+
+    def _attach(
+        self,
+        plan: Plan,
+        optimizer: torch.optim.Optimizer,
+        registry: Registry | None,
+        verify_ranks: bool,
+        process_group: Any,
+        *,
+        resume: Mapping[str, Any] | None,
+    ) -> None:
+        """Build the live state of ``plan`` (masks drawn, or taken from ``resume``), check it
+        against the optimizer and the other ranks, then apply it and hook the optimizer."""
         if not isinstance(verify_ranks, bool):
             raise ConfigError(f"verify_ranks={verify_ranks!r} must be True or False.")
         if verify_ranks:
             require_process_group(process_group)
         self.verify_ranks = verify_ranks
         self.process_group = process_group
-        model = unwrap_model(model)
-        self.config = attrs.evolve(config, t_end=config.resolved_t_end(total_steps))
-        self.total_steps = total_steps
-        if _resume is not None and total_steps is None:
-            self.total_steps = _resume.get("total_steps")
+        self.config = plan.config
+        self.total_steps = plan.total_steps
         self.registry = registry or get_registry()
         self.optimizer = optimizer
         self.structure = compose_structures(self.config.structures)
+        self.skipped: tuple[SkippedLayer, ...] = plan.skipped
+        self.target_densities = {p.spec.fqn: p.target_density for p in plan.layers}
         self._caps = _merge(capabilities_of(self.config.prune), capabilities_of(self.config.grow))
-        self._check_registered()
-        chosen = select_layers(
-            model,
-            layer_types=self.config.layer_types,
-            include=self.config.include,
-            exclude=self.config.exclude,
-        )
-        chosen, frozen = split_frozen(chosen)
-        unsupported = unsupported_weights(
-            model, include=self.config.include, exclude=self.config.exclude
-        )
-        if not chosen:
-            raise ConfigError(
-                f"every selected layer ({[s.fqn for s in frozen]}) is frozen "
-                f"(requires_grad=False), so there is nothing to train sparse; set "
-                f"requires_grad=True on the layers to sparsify, or select others with "
-                f"include=/exclude=."
-            )
-        self._check_rules(chosen)
-        skipped: list[SkippedLayer] = [*frozen, *unsupported]
-        structures: dict[str, Any] = {}
-        sparse: list[tuple[LayerSpec, nn.Module]] = []
-        for spec, module in chosen:
-            rule = next(
-                (r for r in self.config.rules if r.matches(spec.fqn, spec.layer_type)), None
-            )
-            if rule is not None and rule.dense:
-                skipped.append(
-                    SkippedLayer(spec.fqn, spec.shape, f"dense by LayerRule({rule.match!r})")
-                )
-                continue
-            structures[spec.fqn] = (
-                self.structure if rule is None else compose_structures(rule.structures)
-            )
-            sparse.append((spec, module))
-        if not sparse:
-            raise ConfigError(
-                f"every selected layer ({[spec.fqn for spec, _ in chosen]}) is kept dense by "
-                f"DSTConfig.rules; nothing is left to sparsify."
-            )
-        chosen = sparse
-        check_optimizer_holds(optimizer, [(spec.fqn, module.weight) for spec, module in chosen])
-        _refuse_overlap(optimizer, {spec.fqn: module.weight for spec, module in chosen})
-        self.skipped: tuple[SkippedLayer, ...] = tuple(skipped)
-        specs = [spec for spec, _ in chosen]
-        if _resume is not None:
-            check_layout({spec.fqn: spec.shape for spec in specs}, _resume)
-        for spec in specs:
-            structures[spec.fqn].validate(spec)
-        budgets = self._budgets(specs, structures)
+        weights = {p.spec.fqn: p.module.weight for p in plan.layers}
+        check_optimizer_holds(optimizer, list(weights.items()))
+        _refuse_overlap(optimizer, weights)
+        if resume is not None:
+            check_layout(layer_shapes(plan), resume)
         self.layers: dict[str, LayerState] = {}
-        for spec, module in chosen:
-            device = module.weight.device
-            if _resume is not None:
-                mask = _resume["masks"][spec.fqn].to(device=device, dtype=torch.bool).clone()
+        for p in plan.layers:
+            device = p.module.weight.device
+            if resume is not None:
+                mask = resume["masks"][p.spec.fqn].to(device=device).clone()
             else:
-                mask = plan_initial_mask(
-                    spec, structures[spec.fqn], budgets[spec.fqn], self.config.seed, device
-                )
+                mask = plan_initial_mask(p.spec, p.structure, p.budget, self.config.seed, device)
             momentum = None
             if self._caps.grad_momentum is not None:
-                momentum = torch.zeros_like(module.weight, memory_format=torch.contiguous_format)
-            self.layers[spec.fqn] = LayerState(
-                spec, module, structures[spec.fqn], mask, budgets[spec.fqn], mask.clone(), momentum
+                momentum = torch.zeros_like(p.module.weight, memory_format=torch.contiguous_format)
+            self.layers[p.spec.fqn] = LayerState(
+                p.spec, p.module, p.structure, mask, p.budget, mask.clone(), momentum
             )
         self._step = 0
         self._optimizer_stepped = False
@@ -221,9 +178,9 @@ class DSTScheduler:
         self._captured_grads: dict[str, torch.Tensor] = {}
         # Before touching the model: a checkpoint that does not fit, or ranks that start from
         # different masks, fail here.
-        if _resume is not None:
-            check_layers(self.layers, _resume)
-        self._verify_ranks(int(_resume["step"]) if _resume is not None else 0)
+        if resume is not None:
+            check_layers(self.layers, resume)
+        self._verify_ranks(int(resume["step"]) if resume is not None else 0)
         self._apply_masks(reset_optimizer=True)
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_optimizer_step),
@@ -234,27 +191,6 @@ class DSTScheduler:
         self._warn_no_update()
 
     # -- construction helpers -------------------------------------------------------------------
-
-    def _check_registered(self) -> None:
-        """Every component must save by name: fail now, not at the first state_dict()."""
-        try:
-            self.config.to_dict(self.registry)
-        except UnknownComponentError as exc:
-            raise ConfigError(
-                f"{exc} (DSTScheduler checks this at construction: checkpoints name every "
-                f"component by its registered name, so an unregistered instance would train and "
-                f"then fail at the first state_dict().)"
-            ) from exc
-
-    def _check_rules(self, chosen: Sequence[tuple[LayerSpec, nn.Module]]) -> None:
-        names = [spec.fqn for spec, _ in chosen]
-        for rule in self.config.rules:
-            if not any(rule.matches(spec.fqn, spec.layer_type) for spec, _ in chosen):
-                raise ConfigError(
-                    f"LayerRule({rule.match!r}) matches no selected layer, so it would be "
-                    f"ignored; match is a class name ('Linear', 'Conv1d', 'Conv2d') or an "
-                    f"fnmatch pattern on these layer names: {names}."
-                )
 
     def _warn_skipped(self) -> None:
         surprising = [s for s in self.skipped if not s.reason.startswith("dense by LayerRule")]
@@ -285,45 +221,6 @@ class DSTScheduler:
                 SparsityWarning,
                 stacklevel=3,
             )
-
-    def _budgets(self, specs: Sequence[LayerSpec], structures: Mapping[str, Any]) -> dict[str, int]:
-        """Exact integer budgets from the distribution's densities, checked per layer."""
-        fixed = {}
-        for spec in specs:
-            pinned = getattr(structures[spec.fqn], "fixed_density", lambda s: None)(spec)
-            if pinned is not None:
-                fixed[spec.fqn] = float(pinned)
-        distribution = self.config.distribution
-        if fixed:
-            densities = dict(distribution.densities(specs, self.config.density, fixed=fixed))
-        else:
-            densities = dict(distribution.densities(specs, self.config.density))
-        budgets: dict[str, int] = {}
-        for spec in specs:
-            if spec.fqn not in densities:
-                raise ConfigError(
-                    f"distribution {type(self.config.distribution).__name__} gave no density for "
-                    f"layer {spec.fqn!r}."
-                )
-            d = densities[spec.fqn]
-            if not (0.0 < d <= 1.0) or math.isnan(d):
-                raise ConfigError(
-                    f"distribution {type(self.config.distribution).__name__} gave layer "
-                    f"{spec.fqn!r} density {d!r}, outside (0, 1]; a distribution must return "
-                    f"densities in (0, 1] (1.0 keeps every weight: k = fan-in under "
-                    f"constant_fan_in, never more)."
-                )
-            budget = int(structures[spec.fqn].budget(spec, d))
-            if budget < 1:
-                raise LayerError(
-                    f"layer {spec.fqn!r} (shape {spec.shape}, {spec.numel} weights) gets density "
-                    f"{d:.3g}, which leaves it no weight at all. Raise the density, keep it dense "
-                    f"through the distribution (dense=[{spec.fqn!r}]) or exclude it "
-                    f"(exclude=[{spec.fqn!r}])."
-                )
-            budgets[spec.fqn] = budget
-        self.target_densities = {spec.fqn: float(densities[spec.fqn]) for spec in specs}
-        return budgets
 
     @torch.no_grad()
     def _apply_masks(self, *, reset_optimizer: bool) -> None:
@@ -551,15 +448,11 @@ class DSTScheduler:
         a component that no installed plugin provides, a newer schema, or layers that differ
         from ``model``'s raise :class:`~sparsity_core.errors.CheckpointError`.
         """
-        scheduler = cls(
-            model,
-            optimizer,
-            saved_config(state, registry),
-            registry=registry,
-            verify_ranks=verify_ranks,
-            process_group=process_group,
-            _resume=state,
-        )
+        config = saved_config(state, registry)
+        total_steps = state.get("total_steps")
+        plan = plan_layers(unwrap_model(model), config, total_steps=total_steps, registry=registry)
+        scheduler = cls.__new__(cls)
+        scheduler._attach(plan, optimizer, registry, verify_ranks, process_group, resume=state)
         try:
             scheduler.load_state_dict(state)
         except Exception:

@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import attrs
 import torch
 
 from .errors import ConfigError
@@ -26,10 +27,13 @@ __all__ = [
     "COARSE",
     "FINE",
     "GroupedStructure",
+    "StructureCapabilities",
     "compose_structures",
     "describe",
+    "fixed_density",
     "level_of",
     "realized_budget",
+    "structure_capabilities",
     "validate_structure_order",
 ]
 
@@ -37,9 +41,55 @@ FINE = "weight"
 COARSE = "neuron"
 
 
+@attrs.frozen
+class StructureCapabilities:
+    """What a structure offers, so the core and the formats ask instead of probing types.
+
+    A structure declares it as its ``capabilities`` attribute (a class attribute, or a property
+    when it depends on hyper-parameters); none declared means a weight-level structure that
+    offers nothing below. Any structure declaring the same capability gets what builds on it:
+    ``per_neuron`` composes with neuron ablation, ``constant_fan_in`` stores as ``condensed``,
+    ``nm`` stores as ``nm``.
+
+    Attributes:
+        neuron_level: a coarse structure that decides which output neurons are active and
+            wraps a weight-level one (``wrap(inner)`` returns the composed structure).
+        per_neuron: every group lies inside one output neuron, and ``group_counts(spec,
+            budget, device, active_rows)`` / ``min_active_rows(spec, budget)`` spread the
+            budget over the active neurons (what neuron ablation needs).
+        constant_fan_in: every active output neuron holds the same number of inputs.
+        nm: ``(n, m)`` when exactly N of every M consecutive inputs are active.
+        pins_density: ``fixed_density(spec)`` gives the density the structure imposes on a
+            layer (the distribution then pins it).
+        padded: some groups are padded (``group_sizes`` gives their real sizes).
+        ablates: whole neurons may be removed at an update; ``realized_budget(spec, budget,
+            mask)`` then gives the exact count a mask holds.
+    """
+
+    neuron_level: bool = False
+    per_neuron: bool = False
+    constant_fan_in: bool = False
+    nm: tuple[int, int] | None = None
+    pins_density: bool = False
+    padded: bool = False
+    ablates: bool = False
+
+
+def structure_capabilities(structure: Any) -> StructureCapabilities:
+    """The capabilities ``structure`` declares (none declared: a plain weight-level one)."""
+    caps = getattr(structure, "capabilities", None)
+    if isinstance(caps, StructureCapabilities):
+        return caps
+    # Structures written before capabilities were declared said ``level`` / ``row_grouped``.
+    return StructureCapabilities(
+        neuron_level=getattr(structure, "level", FINE) == COARSE,
+        per_neuron=bool(getattr(structure, "row_grouped", False)),
+    )
+
+
 def level_of(structure: Any) -> str:
     """``"neuron"`` for coarse structures (those that wrap another), else ``"weight"``."""
-    return getattr(structure, "level", FINE)
+    return COARSE if structure_capabilities(structure).neuron_level else FINE
 
 
 def _name(structure: Any) -> str:
@@ -76,11 +126,11 @@ def validate_structure_order(structures: Sequence[Any]) -> None:
         seen.add(type(s))
     inner = structures[-1]
     for coarse in structures[:-1]:
-        if not getattr(inner, "row_grouped", False):
+        if not structure_capabilities(inner).per_neuron:
             raise ConfigError(
                 f"{_name(coarse)} removes whole neurons and redistributes their budget, which "
-                f"needs a weight-level structure that counts per neuron (constant_fan_in or nm), "
-                f"not {_name(inner)}."
+                f"needs a weight-level structure that counts per neuron (constant_fan_in or nm, "
+                f"or one declaring StructureCapabilities(per_neuron=True)), not {_name(inner)}."
             )
 
 
@@ -101,8 +151,16 @@ def describe(structure: Any) -> str:
 
 def realized_budget(structure: Any, spec: LayerSpec, budget: int, mask: torch.Tensor) -> int:
     """The exact count a mask must hold: ``budget``, unless a coarse structure ablated neurons."""
-    fn = getattr(structure, "realized_budget", None)
-    return budget if fn is None else int(fn(spec, budget, mask))
+    if not structure_capabilities(structure).ablates:
+        return budget
+    return int(structure.realized_budget(spec, budget, mask))
+
+
+def fixed_density(structure: Any, spec: LayerSpec) -> float | None:
+    """The density ``structure`` imposes on the layer ``spec``, if it pins one."""
+    if not structure_capabilities(structure).pins_density:
+        return None
+    return float(structure.fixed_density(spec))
 
 
 def active_rows_of(mask: torch.Tensor) -> torch.Tensor:
@@ -113,13 +171,18 @@ def active_rows_of(mask: torch.Tensor) -> torch.Tensor:
 class GroupedStructure:
     """Base class: subclasses define ``group_shape``, ``group_counts`` and ``budget``.
 
-    ``row_grouped`` structures (each group inside one output neuron) also accept
-    ``active_rows``, a boolean vector over output neurons; inactive (ablated) neurons hold
-    nothing and the budget is spread over the active ones.
+    Structures whose groups each lie inside one output neuron declare
+    ``StructureCapabilities(per_neuron=True)`` and also accept ``active_rows``, a boolean
+    vector over output neurons; inactive (ablated) neurons hold nothing and the budget is
+    spread over the active ones.
     """
 
-    level: ClassVar[str] = FINE
-    row_grouped: ClassVar[bool] = False
+    capabilities: ClassVar[StructureCapabilities] = StructureCapabilities()
+
+    @property
+    def row_grouped(self) -> bool:
+        """Deprecated spelling of ``capabilities.per_neuron``."""
+        return structure_capabilities(self).per_neuron
 
     def group_shape(self, spec: LayerSpec) -> tuple[int, int]:
         """``(groups, group_size)``; ``weight.reshape(groups, group_size)`` is the grouped view."""

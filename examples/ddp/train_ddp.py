@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import sparsity_core as sc
+from sparsity_app.data import load_dataset
 from sparsity_core.checkpoint import save_checkpoint
-from sparsity_core.data import load_dataset
 
 
 def parse_args() -> argparse.Namespace:

@@ -17,19 +17,25 @@ import torch.nn.functional as F
 
 from sparsity_core.errors import ConfigError, LayerError
 from sparsity_core.layers import LayerSpec
-from sparsity_core.structures import describe
+from sparsity_core.structures import (
+    StructureCapabilities,
+    compose_structures,
+    describe,
+    structure_capabilities,
+)
 
 __all__ = [
     "PackedShape",
     "as_matrix",
+    "capabilities",
     "compute_dtype",
     "dense_linear",
-    "fine_structure",
     "finish_output",
     "flatten_input",
     "gather_matmul",
     "index_dtype",
     "reject",
+    "structure_of",
     "structures_label",
 ]
 
@@ -167,22 +173,22 @@ def _normalise(structures: Any) -> list[Any]:
     return [component_from_dict(ComponentType.STRUCTURE, s) for s in structures]
 
 
-def fine_structure(structures: Any) -> Any:
-    """The weight-level structure of a coarse-to-fine tuple (or of a composed structure)."""
+def structure_of(structures: Any) -> Any:
+    """The composed structure of a coarse-to-fine tuple (or a composed structure itself)."""
     items = _normalise(structures)
     if not items:
         raise ConfigError("no structure given; use ('unstructured',) for none.")
-    fine = items[-1]
-    while getattr(fine, "inner", None) is not None:
-        fine = fine.inner
-    return fine
+    return compose_structures(items)
+
+
+def capabilities(structures: Any) -> StructureCapabilities:
+    """What the structure of a layer offers (the formats ask this, never its type)."""
+    return structure_capabilities(structure_of(structures))
 
 
 def structures_label(structures: Any) -> str:
     """A short name for a structure tuple, e.g. ``neuron_ablation + constant_fan_in``."""
-    return " + ".join(
-        "neuron_ablation" if hasattr(s, "wrap") else describe(s) for s in _normalise(structures)
-    )
+    return describe(structure_of(structures))
 
 
 def reject(fmt: str, structures: Any, spec: LayerSpec | None, needs: str, fix: str) -> NoReturn:

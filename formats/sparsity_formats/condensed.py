@@ -35,9 +35,9 @@ from . import _native
 from ._common import (
     PackedShape,
     as_matrix,
+    capabilities,
     compute_dtype,
     dense_linear,
-    fine_structure,
     finish_output,
     flatten_input,
     gather_matmul,
@@ -97,10 +97,7 @@ class Condensed:
     native: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
     def supports(self, structures: Sequence[Any]) -> bool:
-        from sparsity_plugins.structure_fan_in import ConstantFanIn
-        from sparsity_plugins.structure_nm import NM
-
-        return isinstance(fine_structure(structures), ConstantFanIn | NM)
+        return capabilities(structures).constant_fan_in
 
     def check_supports(self, structures: Sequence[Any], spec: LayerSpec | None = None) -> None:
         """Raise a LayerError (ConfigError without ``spec``) unless ``structures`` fit."""
@@ -110,7 +107,8 @@ class Condensed:
                 structures,
                 spec,
                 "every active output neuron to keep the same number of inputs (constant_fan_in "
-                "or nm, optionally under neuron_ablation)",
+                "or nm, optionally under neuron_ablation; any structure declaring "
+                "StructureCapabilities(constant_fan_in=True))",
                 "Store this layer as 'csr' or 'dense_masked', or train it with "
                 "structures=('neuron_ablation', 'constant_fan_in').",
             )

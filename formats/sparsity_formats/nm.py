@@ -37,9 +37,9 @@ from sparsity_core.layers import LayerSpec
 from ._common import (
     PackedShape,
     as_matrix,
+    capabilities,
     compute_dtype,
     dense_linear,
-    fine_structure,
     finish_output,
     flatten_input,
     gather_matmul,
@@ -98,23 +98,20 @@ class NMFormat:
     @classmethod
     def for_structures(cls, structures: Sequence[Any]) -> NMFormat:
         """The format matching the N:M of ``structures`` (coarse to fine, ending in nm)."""
-        fine = fine_structure(structures)
-        return cls(n=getattr(fine, "n", 2), m=getattr(fine, "m", 4))
+        n, m = capabilities(structures).nm or (2, 4)
+        return cls(n=n, m=m)
 
     def supports(self, structures: Sequence[Any]) -> bool:
-        from sparsity_plugins.structure_nm import NM
-
-        fine = fine_structure(structures)
-        return isinstance(fine, NM) and (fine.n, fine.m) == (self.n, self.m)
+        return capabilities(structures).nm == (self.n, self.m)
 
     def check_supports(self, structures: Sequence[Any], spec: LayerSpec | None = None) -> None:
         """Raise a LayerError (ConfigError without ``spec``) unless ``structures`` fit."""
         if self.supports(structures):
             return
-        fine = fine_structure(structures)
-        if type(fine).__name__ == "NM":
+        nm = capabilities(structures).nm
+        if nm is not None:
             fix = (
-                f"Use the format {{'kind': 'nm', 'n': {fine.n}, 'm': {fine.m}}} "
+                f"Use the format {{'kind': 'nm', 'n': {nm[0]}, 'm': {nm[1]}}} "
                 f"(NMFormat.for_structures) for this layer."
             )
         else:

@@ -34,7 +34,13 @@ import torch
 
 from sparsity_core import LayerSpec, hookimpl
 from sparsity_core.selection import count, row_counts, topk_mask
-from sparsity_core.structures import COARSE, active_rows_of, describe
+from sparsity_core.structures import (
+    StructureCapabilities,
+    active_rows_of,
+    describe,
+    fixed_density,
+    structure_capabilities,
+)
 
 from ._validators import str_tuple, unit_interval
 
@@ -43,7 +49,7 @@ from ._validators import str_tuple, unit_interval
 class NeuronAblation:
     """Neuron ablation: a coarse structure that wraps ``constant_fan_in`` or ``nm``."""
 
-    level: ClassVar[str] = COARSE
+    capabilities: ClassVar[StructureCapabilities] = StructureCapabilities(neuron_level=True)
 
     gamma_sal: float = attrs.field(default=0.3, converter=float, validator=unit_interval)
     min_active_fraction: float = attrs.field(default=0.0, converter=float, validator=unit_interval)
@@ -64,6 +70,11 @@ class AblatedStructure:
     ablation: NeuronAblation
     inner: Any
 
+    @property
+    def capabilities(self) -> StructureCapabilities:
+        """The inner structure's, plus ablation (constant fan-in survives it, over fewer rows)."""
+        return attrs.evolve(structure_capabilities(self.inner), ablates=True)
+
     def describe(self) -> str:
         return f"neuron_ablation + {describe(self.inner)}"
 
@@ -81,7 +92,7 @@ class AblatedStructure:
         return self.inner.budget(spec, density)
 
     def fixed_density(self, spec: LayerSpec) -> float | None:
-        return self.inner.fixed_density(spec)
+        return fixed_density(self.inner, spec)
 
     def min_active_rows(self, spec: LayerSpec, budget: int) -> int:
         return self._min_rows(spec, budget)

@@ -9,7 +9,7 @@ import torch
 
 from sparsity_core import LayerSpec, hookimpl
 from sparsity_core.errors import UpdateError
-from sparsity_core.structures import GroupedStructure
+from sparsity_core.structures import GroupedStructure, StructureCapabilities
 
 
 @attrs.frozen
@@ -21,7 +21,7 @@ class ConstantFanIn(GroupedStructure):
     ablation the layer budget is spread over the active neurons: ``k = budget // active``.
     """
 
-    row_grouped = True
+    capabilities = StructureCapabilities(per_neuron=True, constant_fan_in=True)
 
     def describe(self) -> str:
         return "constant_fan_in"

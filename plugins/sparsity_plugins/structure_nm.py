@@ -13,7 +13,7 @@ import torch
 
 from sparsity_core import LayerSpec, hookimpl
 from sparsity_core.errors import ConfigError, LayerError
-from sparsity_core.structures import GroupedStructure
+from sparsity_core.structures import GroupedStructure, StructureCapabilities
 
 
 def _positive_int(instance, attribute, value) -> None:
@@ -35,8 +35,6 @@ class NM(GroupedStructure):
     distribution pins it at exactly that value.
     """
 
-    row_grouped = True
-
     n: int = attrs.field(default=2, validator=_positive_int)
     m: int = attrs.field(default=4, validator=_positive_int)
     pad: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
@@ -45,6 +43,16 @@ class NM(GroupedStructure):
     def _n_le_m(self, attribute, value) -> None:
         if self.n > value:
             raise ConfigError(f"nm n={self.n} > m={value}: N:M keeps N of every M, so N <= M.")
+
+    @property
+    def capabilities(self) -> StructureCapabilities:
+        return StructureCapabilities(
+            per_neuron=True,
+            constant_fan_in=True,
+            nm=(self.n, self.m),
+            pins_density=True,
+            padded=self.pad,
+        )
 
     def describe(self) -> str:
         return f"nm {self.n}:{self.m}" + (" padded" if self.pad else "")

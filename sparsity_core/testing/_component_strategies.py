@@ -11,7 +11,7 @@ from hypothesis.strategies import SearchStrategy
 
 from ..config import DSTConfig, component_from_dict
 from ..registry import ComponentType
-from ..structures import COARSE, compose_structures, level_of
+from ..structures import COARSE, compose_structures, level_of, structure_capabilities
 from ._registered import is_coarse, plugin_strategy, registry
 from ._structure_strategies import _group_size
 from ._tensor_strategies import _strategy, densities
@@ -52,7 +52,7 @@ def _registered_tuples() -> list[tuple[Any, ...]]:
         (coarse if is_coarse(structure) else fine).append(structure)
     out: list[tuple[Any, ...]] = [(s,) for s in fine]
     for c in coarse:
-        out += [(c, s) for s in fine if getattr(s, "row_grouped", False)]
+        out += [(c, s) for s in fine if structure_capabilities(s).per_neuron]
     return out
 
 
@@ -74,7 +74,7 @@ def variants(structure: Any) -> list[Any]:
     if not is_coarse(structure):
         return [structure]
     fine = [t[0] for t in _registered_tuples() if len(t) == 1]
-    out = [compose_structures((structure, s)) for s in fine if getattr(s, "row_grouped", False)]
+    out = [compose_structures((structure, s)) for s in fine if structure_capabilities(s).per_neuron]
     if not out:
         raise ValueError(
             f"{type(structure).__name__} wraps a weight-level structure that counts per neuron, "

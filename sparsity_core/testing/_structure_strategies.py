@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
 from ..layers import LayerSpec
-from ..structures import active_rows_of
+from ..structures import active_rows_of, fixed_density
 from ._registered import entry_of, plugin_strategy
 from ._tensor_strategies import _generator, _layer_types, _positive, _strategy, densities, seeds
 
@@ -127,7 +127,7 @@ def structured_masks(
 def structure_densities(structure: Any, spec: LayerSpec) -> SearchStrategy[float]:
     """Densities ``structure`` accepts on ``spec``: its fixed density (N:M) or 1, else any
     density leaving every neuron at least one input."""
-    fixed = getattr(structure, "fixed_density", lambda s: None)(spec)
+    fixed = fixed_density(structure, spec)
     if fixed is not None:
         return st.sampled_from([float(fixed)] * 3 + [1.0])
     return densities(min_value=min(1.0, 1.0 / spec.fan_in))

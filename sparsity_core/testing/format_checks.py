@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from ..errors import SparsityError
 from ..layers import LayerSpec
 from ..registry import ComponentType
-from ..structures import compose_structures, describe
+from ..structures import compose_structures, describe, fixed_density
 from ._common import FAST, Draw, _call, _device, _fail, run_examples
 from ._component_strategies import _registered_tuples
 from ._registered import registry
@@ -92,7 +92,7 @@ def _draw_layer(
     structures = draw(st.sampled_from(options), label="structures")
     composed = compose_structures(structures)
     spec = draw(structured_specs(composed, max_side=10, max_groups=4), label="spec")
-    density = getattr(structures[-1], "fixed_density", lambda s: None)(spec)
+    density = fixed_density(structures[-1], spec)
     budget = None if density is None else composed.budget(spec, density)
     # Ablated (all-off) neurons are where formats go wrong (their output is the bias): often.
     ablate = st.sampled_from([True, True, False])

@@ -24,6 +24,7 @@ from ..config import DSTConfig
 from ..errors import SparsityError
 from ..layers import LayerSpec
 from ..registry import ComponentType
+from ..structures import fixed_density
 from ._common import FAST, RUN, Draw, _fail, run_examples
 from ._component_strategies import runs
 from ._registered import registry
@@ -238,11 +239,7 @@ _PROBE = LayerSpec("probe", (8, 32))
 
 
 def _pins_density(config: DSTConfig) -> bool:
-    for s in config.structures:
-        fixed = getattr(s, "fixed_density", None)
-        if callable(fixed) and fixed(_PROBE) is not None:
-            return True
-    return False
+    return any(fixed_density(s, _PROBE) is not None for s in config.structures)
 
 
 def check_preset_accepts_overrides(

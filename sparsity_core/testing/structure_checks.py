@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 
 from ..errors import LayerError
 from ..layers import LayerSpec
-from ..registry import ComponentType
-from ..structures import active_rows_of, realized_budget
+from ..structures import active_rows_of, describe, realized_budget, structure_capabilities
 from ._common import (
     FAST,
     Draw,
@@ -35,7 +34,7 @@ from ._common import (
     run_examples,
 )
 from ._component_strategies import variants
-from ._registered import is_coarse, registry
+from ._registered import is_coarse
 from ._structure_strategies import structure_densities, structured_masks, structured_specs
 from ._tensor_strategies import fractions, layer_specs, scores
 
@@ -66,18 +65,17 @@ def _fine(structure: Any) -> tuple[Any, bool]:
 def nm_violation(structure: Any, spec: LayerSpec, mask: torch.Tensor, budget: int) -> str | None:
     """The kit's own N:M count: ``None`` if ``mask`` keeps the N:M rule, else what breaks it.
 
-    Applies to the registered ``nm`` structure and its subclasses (alone or wrapped); other
-    structures always pass. Each group of M consecutive fan-in positions of an active neuron
-    holds N (all M in a dense layer, whose budget is its size); a partial last group under
-    ``pad`` holds ``min(N, its real positions)``; a neuron with no weight is allowed only under a
-    neuron-level structure.
+    Applies to every structure that declares ``StructureCapabilities(nm=(n, m))`` (alone or
+    wrapped); other structures always pass. Each group of M consecutive fan-in positions of an
+    active neuron holds N (all M in a dense layer, whose budget is its size); a partial last
+    group under ``pad`` holds ``min(N, its real positions)``; a neuron with no weight is allowed
+    only under a neuron-level structure.
     """
-    fine, coarse = _fine(structure)
-    if "nm" not in registry().names(ComponentType.STRUCTURE):
+    caps = structure_capabilities(structure)
+    if caps.nm is None:
         return None
-    if not isinstance(fine, registry().get(ComponentType.STRUCTURE, "nm")):
-        return None
-    n, m = int(fine.n), int(fine.m)
+    coarse = _fine(structure)[1] or caps.ablates
+    n, m = (int(v) for v in caps.nm)
     rows = mask.reshape(spec.fan_out, spec.fan_in)
     groups = -(-spec.fan_in // m)
     padded = F.pad(rows.long(), (0, groups * m - spec.fan_in))
@@ -189,7 +187,7 @@ def _rounding_groups(s: Any, spec: LayerSpec) -> int:
 def check_structure_budget(structure: Any, *, max_examples: int | None = None) -> None:
     """``budget`` is a deterministic integer in ``[0, numel]``, ``numel`` at density 1, and within
     half a weight per rounding group (1 group unstructured, a row per neuron) of
-    ``density * numel``."""
+    ``density * numel``; a neuron-level structure's is exactly the budget of the one it wraps."""
     check = "check_structure_budget"
 
     def example(draw: Draw) -> None:
@@ -206,8 +204,21 @@ def check_structure_budget(structure: Any, *, max_examples: int | None = None) -
             _fail(
                 check, s, where, f"budget() returned {budget}, not numel {spec.numel} at density 1"
             )
+        fine, wrapped = _fine(s)
+        if wrapped:
+            # A neuron-level structure takes its weight-level one's budget; how that one rounds
+            # is its own check (so a third-party fine structure's rule is not blamed on it).
+            inner = fine.budget(spec, density)
+            if budget != inner:
+                _fail(
+                    check,
+                    s,
+                    where,
+                    f"budget() returned {budget}, not the {inner} of the structure it wraps "
+                    f"({describe(fine)}); a neuron-level structure keeps the inner budget",
+                )
         tolerance = _rounding_groups(s, spec) / 2 + 1e-9
-        if abs(budget - density * spec.numel) > tolerance:
+        if not wrapped and abs(budget - density * spec.numel) > tolerance:
             _fail(
                 check,
                 s,

@@ -16,10 +16,13 @@ from _ddp_worker import CASES, train
 import sparsity_core as sc
 from sparsity_core.errors import ConfigError
 
-pytestmark = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="this PyTorch build has no torch.distributed gloo backend",
-)
+pytestmark = [
+    pytest.mark.slow,  # spawns ranks (subprocesses)
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="this PyTorch build has no torch.distributed gloo backend",
+    ),
+]
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 WORLD = 2

@@ -14,10 +14,13 @@ from torch import nn
 import sparsity_core as sc
 from sparsity_core.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="this PyTorch build has no torch.distributed gloo backend",
-)
+pytestmark = [
+    pytest.mark.slow,  # spawns ranks (subprocesses)
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="this PyTorch build has no torch.distributed gloo backend",
+    ),
+]
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "ddp" / "train_ddp.py"
 

@@ -9,15 +9,15 @@ from typing import Any, ClassVar
 
 import attrs
 import torch
+
+from sparsity_core import Capabilities, DSTConfig, LayerSpec, ScoreContext
+from sparsity_core.selection import topk_mask
 from sparsity_formats.condensed import Condensed, CondensedWeight
 from sparsity_formats.csr import CSR
 from sparsity_formats.dense_masked import DenseMasked, DenseMaskedWeight
 from sparsity_plugins.distributions import ErdosRenyiKernel, Uniform, scaled_densities
 from sparsity_plugins.structure_nm import NM
 from sparsity_plugins.structure_unstructured import Unstructured
-
-from sparsity_core import Capabilities, DSTConfig, LayerSpec, ScoreContext
-from sparsity_core.selection import topk_mask
 
 # -- criteria -------------------------------------------------------------------------------------
 

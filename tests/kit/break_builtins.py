@@ -30,9 +30,8 @@ def _break(case: str) -> list[str]:
     """Patch the named built-in and return the pytest arguments that should now fail."""
     quiet = ["-x", "-q", "-p", "no:cacheprovider"]
     if case == "fill_ignores_candidates":
-        from sparsity_plugins import structure_unstructured
-
         from sparsity_core.selection import topk_mask
+        from sparsity_plugins import structure_unstructured
 
         def fill(self, scores, base, candidates, budget, spec, **kwargs):
             return base | topk_mask(scores, budget - int(base.sum()), ~base)

@@ -9,13 +9,13 @@ import math
 
 import attrs
 import pytest
-from sparsity_plugins.structure_ablation import NeuronAblation
-from sparsity_plugins.structure_fan_in import ConstantFanIn
-from sparsity_plugins.structure_nm import NM
 
 from sparsity_core.selection import grouped_keep
 from sparsity_core.structures import compose_structures
 from sparsity_core.testing import check_structure_keep_drop_count, check_structure_keep_highest
+from sparsity_plugins.structure_ablation import NeuronAblation
+from sparsity_plugins.structure_fan_in import ConstantFanIn
+from sparsity_plugins.structure_nm import NM
 
 EXAMPLES = 60
 DROP_CHECKS = [check_structure_keep_highest, check_structure_keep_drop_count]

@@ -47,8 +47,6 @@ from _broken_components import (
     preset_ignoring_overrides,
     preset_without_overrides,
 )
-from sparsity_formats.csr import CSR
-from sparsity_plugins.prune_criteria import MagnitudePrune
 
 import sparsity_core.engine as engine
 import sparsity_core.scheduler as scheduler_module
@@ -96,6 +94,8 @@ from sparsity_core.testing import (
     check_structure_validate,
 )
 from sparsity_core.testing.models import RunSpec
+from sparsity_formats.csr import CSR
+from sparsity_plugins.prune_criteria import MagnitudePrune
 
 # Broken parts are usually caught within a few examples; these bounds make the tests certain.
 CHEAP = 500

@@ -9,8 +9,6 @@ import torch
 from _broken_components import FlatScoresGrowth, InferringCSR, MutatingGrowth, SkewedNM
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sparsity_plugins.growth_criteria import GradientGrowth, MomentumGrowth
-from sparsity_plugins.structure_nm import NM
 
 import sparsity_core.registry as registry_module
 from sparsity_core import DSTConfig, LayerSpec, hookimpl, preset
@@ -25,6 +23,8 @@ from sparsity_core.testing import (
     parametrize_with_checks,
 )
 from sparsity_core.testing import strategies as sst
+from sparsity_plugins.growth_criteria import GradientGrowth, MomentumGrowth
+from sparsity_plugins.structure_nm import NM
 
 pytest_plugins = ["pytester"]
 

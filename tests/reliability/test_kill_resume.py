@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsity_app.cli import main
 from sparsity_core.checkpoint import load_checkpoint
-from sparsity_core.cli import main
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX-only")
+pytestmark = [
+    pytest.mark.slow,  # three `train` processes
+    pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX-only"),
+]
 
 METHODS = ("rigl", "srigl")
 EPOCHS = 10  # digits: 1437 training rows, batch 64 -> 23 steps per epoch

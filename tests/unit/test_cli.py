@@ -11,10 +11,10 @@ import attrs
 import pytest
 import torch
 
-from sparsity_core.cli import main
-from sparsity_core.data import load_dataset
+from sparsity_app.cli import main
+from sparsity_app.data import load_dataset
+from sparsity_app.train import Recipe, train_run
 from sparsity_core.errors import CheckpointError
-from sparsity_core.train import Recipe, train_run
 
 pytest.importorskip("sklearn", reason="the main job's digits dataset ships with scikit-learn")
 
@@ -162,7 +162,7 @@ class TestExportCommand:
 
     def test_format_parameters_parse_ints_and_booleans(self):
         """`nm:n=2,m=4,semi_structured=true` gives ints and a bool; other values stay text."""
-        from sparsity_core.cli import _format_arg
+        from sparsity_app.cli import _format_arg
 
         assert _format_arg("nm:n=2,m=4,semi_structured=true") == {
             "kind": "nm",
@@ -293,6 +293,15 @@ class TestCheckpointResume:
         with pytest.raises(CheckpointError) as info:
             train_run("rigl", data, recipe, seed=3, checkpoint=ckpt, resume=True)
         assert shown in str(info.value) and flag in str(info.value)
+
+    def test_a_newer_checkpoint_version_is_refused(self, tmp_path):
+        """A file from a newer sparsity-core is not resumed as if it were ours."""
+        data, ckpt = self._crashed(tmp_path)
+        state = torch.load(ckpt, weights_only=True)
+        assert state["version"] == 1
+        torch.save({**state, "version": 2}, ckpt)
+        with pytest.raises(CheckpointError, match="version 2, newer"):
+            train_run("rigl", data, RECIPE, seed=3, checkpoint=ckpt, resume=True)
 
     def test_cli_resume_with_another_sparsity_exits_2(self, tmp_path, capsys):
         """The CLI reports the mismatch as an error, before any training."""

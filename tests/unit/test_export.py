@@ -389,8 +389,8 @@ class TestEndToEnd:
     def test_digits_srigl_predictions_preserved(self):
         """Condensed export predicts exactly like the masked model on the digits test set."""
         pytest.importorskip("sklearn")
-        from sparsity_core.data import load_dataset
-        from sparsity_core.train import Recipe, build_mlp, method_config
+        from sparsity_app.data import load_dataset
+        from sparsity_app.train import Recipe, build_mlp, method_config
 
         data = load_dataset("digits")
         torch.manual_seed(0)

@@ -17,14 +17,6 @@ import torch.nn.functional as F
 from _broken_components import BiasOnlyWhereLive, InferringCSR
 from hypothesis import given
 from hypothesis import strategies as st
-from sparsity_formats._common import index_dtype
-from sparsity_formats.condensed import Condensed
-from sparsity_formats.csr import CSR
-from sparsity_formats.nm import NMFormat
-from sparsity_plugins.structure_ablation import NeuronAblation
-from sparsity_plugins.structure_fan_in import ConstantFanIn
-from sparsity_plugins.structure_nm import NM
-from sparsity_plugins.structure_unstructured import Unstructured
 
 from sparsity_core import (
     ComponentType,
@@ -36,6 +28,14 @@ from sparsity_core import (
 )
 from sparsity_core.structures import compose_structures
 from sparsity_core.testing import strategies as sst
+from sparsity_formats._common import index_dtype
+from sparsity_formats.condensed import Condensed
+from sparsity_formats.csr import CSR
+from sparsity_formats.nm import NMFormat
+from sparsity_plugins.structure_ablation import NeuronAblation
+from sparsity_plugins.structure_fan_in import ConstantFanIn
+from sparsity_plugins.structure_nm import NM
+from sparsity_plugins.structure_unstructured import Unstructured
 
 # Tolerance per unit of sum(|x| * |w|) + |b|: float32 sums in a different order than F.linear;
 # half types round the output (F.linear's and ours) to 8 (bfloat16) or 11 (float16) bits.

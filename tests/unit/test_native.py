@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+
 from sparsity_formats import _native
 from sparsity_formats.condensed import Condensed
 
@@ -34,6 +35,7 @@ def fresh_state(monkeypatch):
     )
 
 
+@pytest.mark.slow  # builds the kernel (60-80 s on two cores)
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
 def test_builds_where_a_toolchain_is():
     status = _native.native_status()
@@ -41,6 +43,7 @@ def test_builds_where_a_toolchain_is():
     assert status["seconds"] is not None and status["seconds"] >= 0
 
 
+@pytest.mark.slow  # builds the kernel (60-80 s on two cores)
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
 @pytest.mark.parametrize("in_features", [200, 3000, 40000])  # uint8, int16, int32 indices
 @pytest.mark.parametrize("batch", [1, 2, 7, 65, 300])
@@ -61,6 +64,7 @@ def test_native_matches_torch_path_and_dense(in_features, batch, ablated):
     assert torch.equal(got[:, dead], bias[dead].expand(batch, -1))
 
 
+@pytest.mark.slow  # builds the kernel (60-80 s on two cores)
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
 @pytest.mark.parametrize("k", [1, 3, 4, 5, 8, 12, 19])  # each of the dot product's loops
 @pytest.mark.parametrize("rows", [1, 6, 7])  # paired rows, and one left over
@@ -72,6 +76,7 @@ def test_batch_one_dot_products(k, rows):
     torch.testing.assert_close(got, F.linear(x, weight * mask, bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # builds the kernel (60-80 s on two cores)
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
 def test_batch_one_on_a_weight_too_large_to_pair_rows():
     """Above kPairedBytes (4 MiB of values and indices) the kernel takes one row at a time."""
@@ -84,6 +89,7 @@ def test_batch_one_on_a_weight_too_large_to_pair_rows():
     torch.testing.assert_close(got, F.linear(x, weight * mask, bias), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # builds the kernel (60-80 s on two cores)
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 9])
@@ -98,6 +104,7 @@ def test_native_half_types(dtype, batch):
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow  # builds the kernel (60-80 s on two cores)
 def test_native_used_only_without_autograd(monkeypatch):
     """The compiled op has no backward: inputs that need gradients take the PyTorch path."""
     calls = []
@@ -135,6 +142,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, fresh_state):
     def broken_build():
         raise OSError("no compiler here")
 
+    monkeypatch.setenv("SPARSITY_CORE_NATIVE", "1")  # the default test run turns it off
     monkeypatch.setattr(_native, "_build", broken_build)
     weight, mask = _layer(10, 40, k=6, ablated=2)
     fmt = Condensed()
@@ -150,6 +158,7 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, fresh_state):
     assert "no compiler here" in _native.native_status()["error"]
 
 
+@pytest.mark.slow  # builds the kernel (60-80 s on two cores)
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
 def test_kernel_rejects_inconsistent_arguments():
     binding = _native.condensed_linear()
@@ -170,6 +179,7 @@ def test_kernel_rejects_inconsistent_arguments():
             operator(x, values, cols, rows, bias, 5)
 
 
+@pytest.mark.slow  # builds the kernel (60-80 s on two cores)
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
 def test_binding_declines_what_the_kernel_does_not_compute():
     """None (the caller's PyTorch path) for inputs the kernel does not take; else the output."""
@@ -192,6 +202,7 @@ def test_binding_declines_what_the_kernel_does_not_compute():
     assert binding(x.int(), *as_int, 10, 6) is None  # a dtype the kernel does not read
 
 
+@pytest.mark.slow  # builds the kernel (60-80 s on two cores)
 def test_traced_and_vmapped_calls_take_the_pytorch_path():
     """torch.jit.trace and vmap go through the dispatcher, which the compiled binding skips:
     the binding declines, and the trace records (vmap batches) the PyTorch gather instead."""

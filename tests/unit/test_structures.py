@@ -20,10 +20,6 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from sparsity_plugins.structure_ablation import AblatedStructure, NeuronAblation
-from sparsity_plugins.structure_fan_in import ConstantFanIn
-from sparsity_plugins.structure_nm import NM
-from sparsity_plugins.structure_unstructured import Unstructured
 from torch import nn
 
 import sparsity_core
@@ -42,6 +38,10 @@ from sparsity_core.engine import plan_initial_mask
 from sparsity_core.structures import active_rows_of, compose_structures
 from sparsity_core.testing import check_checkpoint_resume, check_method_run
 from sparsity_core.testing import strategies as sst
+from sparsity_plugins.structure_ablation import AblatedStructure, NeuronAblation
+from sparsity_plugins.structure_fan_in import ConstantFanIn
+from sparsity_plugins.structure_nm import NM
+from sparsity_plugins.structure_unstructured import Unstructured
 
 REGISTRY = get_registry()
 BATCH = 8

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from sparsity_core.bench.grid import Setting, plan_runs, run_grid, run_one, unpack_mask
-from sparsity_core.bench.overhead import measure_overhead, overhead_text
-from sparsity_core.bench.report import check_claims, group_runs, headline_markdown, results_table
-from sparsity_core.bench.store import RunStore
-from sparsity_core.cli import main
+from sparsity_app.bench.grid import Setting, plan_runs, run_grid, run_one, unpack_mask
+from sparsity_app.bench.overhead import measure_overhead, overhead_text
+from sparsity_app.bench.report import check_claims, group_runs, headline_markdown, results_table
+from sparsity_app.bench.store import RunStore
+from sparsity_app.cli import main
+from sparsity_app.models import build_cnn1d, build_model
+from sparsity_app.train import Recipe, train_run
 from sparsity_core.errors import CheckpointError, ConfigError
-from sparsity_core.models import build_cnn1d, build_model
-from sparsity_core.train import Recipe, train_run
 
 pytest.importorskip("sklearn", reason="the tiny grid trains on scikit-learn's bundled digits")
 
@@ -64,7 +64,7 @@ class TestGrid:
 
     def test_recipe_overrides_reach_the_method(self):
         """drop_fraction and gamma_sal from the recipe replace the preset's values."""
-        from sparsity_core.train import method_config
+        from sparsity_app.train import method_config
 
         recipe = attrs.evolve(TINY, drop_fraction=0.5, gamma_sal=0.7)
         config = method_config("srigl", recipe, 0, 100, "2")
@@ -218,7 +218,7 @@ class TestModels:
     @pytest.mark.parametrize("method", ["srigl", "nm_rigl"])
     def test_structured_methods_train_the_cnn(self, method):
         """SRigL and N:M train Conv1d layers; N:M pads fan-ins its M does not divide (1x5)."""
-        from sparsity_core.data import load_dataset
+        from sparsity_app.data import load_dataset
 
         recipe = Recipe(epochs=1, batch_size=128, hidden=(4, 8), delta_t=3, model="cnn1d")
         result = train_run(method, load_dataset("digits"), recipe)
@@ -287,7 +287,7 @@ class TestMnist1d:
     def test_standard_split_is_generated_once_and_cached(self, tmp_path, monkeypatch):
         """MNIST-1D is generated locally (4000/1000), cached, and leaves global RNGs alone."""
         pytest.importorskip("mnist1d", reason="generating MNIST-1D needs the mnist1d package")
-        from sparsity_core.data import load_dataset
+        from sparsity_app.data import load_dataset
 
         monkeypatch.setenv("SPARSITY_CORE_CACHE", str(tmp_path))
         np.random.seed(123)

@@ -6,9 +6,11 @@ import json
 
 import torch
 from sparsity_explore import ExploreGrowth, RelativeMagnitudePrune
+from torch import nn
 
+import sparsity_core as sc
+from sparsity_app.cli import main
 from sparsity_core import LayerSpec, ScoreContext, get_registry, preset
-from sparsity_core.cli import main
 
 
 class TestRegistration:
@@ -44,6 +46,7 @@ class TestCommandLine:
         assert ours["components"] == {
             "prune": ["relative_magnitude"],
             "growth": ["explore"],
+            "structure": ["floor_fan_in"],
             "preset": ["dst_ee"],
             "strategy": ["growth.explore"],
         }
@@ -74,3 +77,37 @@ def test_exploration_prefers_weights_never_active():
     scores = ExploreGrowth(c=1.0).scores(ctx)
     assert bool((scores[~ever].min() > scores[ever].max()).item())
     assert torch.equal(ExploreGrowth(c=0.0).scores(ctx), torch.zeros(2, 3))
+
+
+class TestThirdPartyStructure:
+    """floor_fan_in declares per-neuron constant fan-in: that alone buys ablation and condensed."""
+
+    def test_trains_under_neuron_ablation_and_exports_condensed(self):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        model.append(nn.Linear(32, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        ablation = {"kind": "neuron_ablation", "gamma_sal": 0.9, "exempt": ["4"]}
+        config = sc.preset(
+            "rigl",
+            density=0.1,
+            delta_t=2,
+            structures=(ablation, {"kind": "floor_fan_in", "min_k": 3}),
+        )
+        scheduler = sc.DSTScheduler(model, optimizer, config, total_steps=40)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(12):
+            optimizer.zero_grad()
+            model(torch.randn(16, 16, generator=gen)).pow(2).mean().backward()
+            optimizer.step()
+            scheduler.step()
+        summary = {s.fqn: s for s in scheduler.summary()}
+        assert summary["0"].fan_in_min == summary["0"].fan_in_max >= 3  # the floor holds
+        assert any(s.active_neurons < s.fan_out for s in summary.values())  # it ablated
+        assert all(s.satisfied for s in summary.values())
+        x = torch.randn(5, 16, generator=gen)
+        with torch.no_grad():
+            expected = model(x)
+            packed = sc.export(model, scheduler, format="condensed", rules=[("4", None)]).model
+            torch.testing.assert_close(packed(x), expected)
+        assert type(packed[0]).__name__ == "PackedLinear"

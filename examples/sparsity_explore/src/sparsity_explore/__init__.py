@@ -3,5 +3,6 @@
 from .growth import ExploreGrowth
 from .presets import dst_ee
 from .prune import RelativeMagnitudePrune
+from .structures import FloorFanIn
 
-__all__ = ["ExploreGrowth", "RelativeMagnitudePrune", "dst_ee"]
+__all__ = ["ExploreGrowth", "FloorFanIn", "RelativeMagnitudePrune", "dst_ee"]

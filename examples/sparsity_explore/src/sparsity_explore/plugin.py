@@ -9,6 +9,7 @@ from sparsity_core import hookimpl
 from .growth import ExploreGrowth
 from .presets import dst_ee
 from .prune import RelativeMagnitudePrune
+from .structures import FloorFanIn
 
 
 @hookimpl
@@ -19,6 +20,11 @@ def sparsity_register_growth_criteria(register) -> None:
 @hookimpl
 def sparsity_register_prune_criteria(register) -> None:
     register("relative_magnitude", RelativeMagnitudePrune, summary="|w| / its neuron's norm")
+
+
+@hookimpl
+def sparsity_register_structures(register) -> None:
+    register("floor_fan_in", FloorFanIn, summary="constant fan-in with k >= min_k per neuron")
 
 
 @hookimpl

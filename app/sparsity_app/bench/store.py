@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from sparsity_core.checkpoint import atomic_file
+from sparsity_core.errors import CheckpointError
 
 __all__ = ["RunStore"]
 
@@ -66,6 +66,5 @@ class RunStore:
         # One run per line: compact, and a re-run's diff shows the runs that changed.
         runs = sorted(self.runs.values(), key=lambda r: r["key"])
         lines = ",\n".join(json.dumps(r, separators=(",", ":")) for r in runs)
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(f'{head[:-2]},\n "runs": [\n{lines}\n ]\n}}\n')
-        os.replace(tmp, self.path)
+        with atomic_file(self.path) as handle:
+            handle.write(f'{head[:-2]},\n "runs": [\n{lines}\n ]\n}}\n'.encode())

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from sparsity_core.errors import ConfigError
+
 from ..train import DENSE
 from .grid import unpack_mask
 from .report import Group

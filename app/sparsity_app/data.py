@@ -10,7 +10,8 @@ import attrs
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from sparsity_core.checkpoint import atomic_file
+from sparsity_core.errors import ConfigError
 
 __all__ = ["DATASETS", "MNIST1D_SIZES", "Dataset", "cache_dir", "load_dataset"]
 
@@ -105,9 +106,8 @@ def _mnist1d_arrays(num_samples: int) -> tuple[np.ndarray, ...]:
         random.setstate(py_state)
     arrays = tuple(np.asarray(data[k]) for k in keys)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, **dict(zip(keys, arrays, strict=True)))
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        np.savez_compressed(handle, **dict(zip(keys, arrays, strict=True)))
     return arrays
 
 

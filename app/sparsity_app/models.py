@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .errors import ConfigError
+from sparsity_core.errors import ConfigError
 
 __all__ = ["MODELS", "build_cnn1d", "build_mlp", "build_model", "param_count"]
 

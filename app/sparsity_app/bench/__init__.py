@@ -1,7 +1,7 @@
 """Training benchmarks: a resumable grid of DST runs, a report, plots and the step overhead.
 
 ``python benchmarks/train_bench.py`` and ``sparsity-core bench train`` both run
-:func:`sparsity_core.bench.main.run`. Importing this package imports neither matplotlib nor
+:func:`sparsity_app.bench.main.run`. Importing this package imports neither matplotlib nor
 mnist1d; the plots and the MNIST-1D data load them when used.
 """
 

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import preset
+from sparsity_core.config import preset
+from sparsity_core.scheduler import DSTScheduler
+
 from ..models import build_mlp, param_count
-from ..scheduler import DSTScheduler
 from ..tables import format_table
 
 __all__ = ["OVERHEAD_WIDTHS", "measure_overhead", "overhead_text"]

@@ -13,16 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import DSTConfig, preset
+from sparsity_core.checkpoint import load_checkpoint, save_checkpoint
+from sparsity_core.config import DSTConfig, component_from_dict, component_to_dict, preset
+from sparsity_core.errors import CheckpointError, ConfigError
+from sparsity_core.layers import LayerSpec, select_layers
+from sparsity_core.registry import ComponentType
+from sparsity_core.scheduler import DSTScheduler
+from sparsity_core.structures import compose_structures, fixed_density
+from sparsity_core.telemetry import UpdateRecord, itop_rate
+
 from .data import Dataset
-from .errors import CheckpointError, ConfigError
-from .layers import LayerSpec, select_layers
 from .models import MODELS, build_mlp, build_model
 from .progress import ProgressBar
-from .scheduler import DSTScheduler
-from .structures import COARSE, compose_structures, level_of
-from .telemetry import UpdateRecord, itop_rate
 
 __all__ = [
     "DENSE",
@@ -36,6 +38,9 @@ __all__ = [
 ]
 
 DENSE = "dense"
+# The layout of the main job's checkpoint files (the scheduler's state inside has its own).
+CHECKPOINT_VERSION = 1
+STRUCTURE = ComponentType.STRUCTURE
 
 
 @attrs.frozen
@@ -151,6 +156,12 @@ def _check_resumable(
             f"checkpoint {str(path)!r} is not a checkpoint of `sparsity-core train`; resume from "
             f"the folder a run wrote, or start without --resume."
         )
+    version = state.get("version", 1)
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has version {version!r}, newer than this sparsity-core writes "
+            f"({CHECKPOINT_VERSION}); upgrade sparsity-core to resume it."
+        )
     if state.get("method") != method:
         raise CheckpointError(
             f"checkpoint {path} is for method {state.get('method')!r}, not {method!r}."
@@ -186,6 +197,20 @@ def _shown(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
+def _params(ctype: ComponentType, component: Any) -> dict[str, Any]:
+    """``{"kind": registry name, **hyper-parameters}`` of a component (the public config form)."""
+    return component_to_dict(ctype, component)
+
+
+def _tuned(ctype: ComponentType, component: Any, kind: str, **params: Any) -> Any:
+    """``component`` with ``params`` changed if it is the built-in registered as ``kind``
+    (the recipe's knobs belong to those plugins; any other component is left as it is)."""
+    current = _params(ctype, component)
+    if current["kind"] != kind:
+        return component
+    return component_from_dict(ctype, {**current, **params})
+
+
 def method_config(
     method: str,
     recipe: Recipe,
@@ -211,22 +236,28 @@ def method_config(
         seed=seed,
         t_end=int(0.75 * total_steps),
     )
-    if recipe.drop_fraction is not None and hasattr(config.drop, "alpha"):
-        config = attrs.evolve(config, drop=attrs.evolve(config.drop, alpha=recipe.drop_fraction))
+    if recipe.drop_fraction is not None:
+        config = attrs.evolve(
+            config,
+            drop=_tuned(ComponentType.SCHEDULE, config.drop, "cosine", alpha=recipe.drop_fraction),
+        )
     structures = []
     for s in config.structures:
-        exempt = getattr(s, "exempt", None)
-        if output_layer and level_of(s) == COARSE and exempt is not None:
-            s = attrs.evolve(s, exempt=tuple(dict.fromkeys((*exempt, output_layer))))
-        if recipe.gamma_sal is not None and hasattr(s, "gamma_sal"):
-            s = attrs.evolve(s, gamma_sal=recipe.gamma_sal)
-        m = getattr(s, "m", None)
-        if m is not None and hasattr(s, "pad") and any(spec.fan_in % m for spec in layers):
-            s = attrs.evolve(s, pad=True)
+        params = _params(STRUCTURE, s)
+        if params["kind"] == "neuron_ablation":
+            exempt = tuple(params["exempt"])
+            if output_layer:
+                exempt = tuple(dict.fromkeys((*exempt, output_layer)))
+            gamma = params["gamma_sal"] if recipe.gamma_sal is None else recipe.gamma_sal
+            s = _tuned(
+                ComponentType.STRUCTURE, s, "neuron_ablation", exempt=exempt, gamma_sal=gamma
+            )
+        elif params["kind"] == "nm" and any(spec.fan_in % params["m"] for spec in layers):
+            s = _tuned(STRUCTURE, s, "nm", pad=True)
         structures.append(s)
     config = attrs.evolve(config, structures=tuple(structures))
     composed = compose_structures(config.structures)
-    pinned = [getattr(composed, "fixed_density", lambda _: None)(spec) for spec in layers]
+    pinned = [fixed_density(composed, spec) for spec in layers]
     if layers and all(d is not None for d in pinned):
         total = sum(spec.numel for spec in layers)
         implied = sum(d * spec.numel for d, spec in zip(pinned, layers, strict=True)) / total
@@ -283,6 +314,7 @@ def train_run(
     def save(step: int, train_loss: float, seconds: float) -> None:
         save_checkpoint(
             {
+                "version": CHECKPOINT_VERSION,
                 "method": method,
                 "dataset": data.name,
                 "seed": seed,

@@ -16,7 +16,9 @@ from typing import Any
 import attrs
 import torch
 
-from ..errors import ConfigError, SparsityError
+from sparsity_core.checkpoint import write_text
+from sparsity_core.errors import ConfigError, SparsityError
+
 from ..train import DENSE, Recipe
 from .grid import METHODS, SETTINGS, SPARSITIES, plan_runs, run_grid
 from .overhead import measure_overhead, overhead_text
@@ -213,12 +215,12 @@ def run(args: argparse.Namespace) -> int:
     if "overhead" in store.extra:
         parts += ["", "overhead on a 20M+ parameter model:", overhead_text(store.extra["overhead"])]
     text = "\n".join(parts) + "\n"
-    (out_dir / f"{prefix}.txt").write_text(text)
+    write_text(out_dir / f"{prefix}.txt", text)
     md = []
     for setting in settings:
         table = headline_markdown(groups, setting.name, methods, sparsities)
         md += [f"**{setting.name}**", "", table, ""]
-    (out_dir / f"{prefix}.md").write_text("\n".join(md))
+    write_text(out_dir / f"{prefix}.md", "\n".join(md))
     print(text)
     if not args.no_plots and runs:
         from .plots import plot_all

@@ -13,15 +13,17 @@ from typing import Any
 import attrs
 import torch
 
-from .data import DATASETS
-from .errors import SparsityError
-from .models import MODELS
-from .registry import (
+from sparsity_core.checkpoint import write_text
+from sparsity_core.errors import SparsityError
+from sparsity_core.registry import (
     ComponentType,
     Registry,
     components_by_plugin,
     create_plugin_manager,
 )
+
+from .data import DATASETS
+from .models import MODELS
 from .tables import format_table, mean_std
 
 __all__ = ["main"]
@@ -82,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model=args.model,
     )
     # Fail on a bad method name before any training starts.
-    from .config import preset
+    from sparsity_core.config import preset
 
     for method in methods:
         if method != DENSE:
@@ -173,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "recipe": attrs.asdict(recipe),
             "runs": [r.to_dict() for r in results],
         }
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        write_text(args.json, json.dumps(payload, indent=2))
         print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
 
@@ -202,11 +204,12 @@ def _format_arg(text: str) -> Any:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .errors import CheckpointError
-    from .exporting import export
+    from sparsity_core.checkpoint import load_checkpoint, save_checkpoint
+    from sparsity_core.errors import CheckpointError
+    from sparsity_core.exporting import export
+    from sparsity_core.scheduler import DSTScheduler
+
     from .models import build_model
-    from .scheduler import DSTScheduler
 
     path = Path(args.checkpoint)
     state = load_checkpoint(path)
@@ -249,7 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from sparsity_core import __version__
 
     parser = argparse.ArgumentParser(
         prog="sparsity-core", description="Dynamic sparse training for PyTorch."

@@ -17,8 +17,9 @@ import attrs
 import numpy as np
 import torch
 
+from sparsity_core.errors import ConfigError
+
 from ..data import load_dataset
-from ..errors import ConfigError
 from ..models import build_model, param_count
 from ..progress import ProgressBar
 from ..train import DENSE, Recipe, train_run

@@ -41,7 +41,7 @@ def _train_args(
 def _start(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "sparsity_core", *args],
+        [sys.executable, "-m", "sparsity_app", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

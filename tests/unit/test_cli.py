@@ -53,14 +53,25 @@ class TestPluginsCommand:
         ]
 
     def test_python_dash_m_runs_the_same_command(self):
-        """`python -m sparsity_core plugins` works like the console script."""
+        """`python -m sparsity_app plugins` works like the console script."""
         proc = subprocess.run(
-            [sys.executable, "-m", "sparsity_core", "plugins", "--json"],
+            [sys.executable, "-m", "sparsity_app", "plugins", "--json"],
             capture_output=True,
             text=True,
             check=True,
         )
         assert any(p["plugin"] == "presets" for p in json.loads(proc.stdout))
+
+    def test_the_old_python_dash_m_sparsity_core_still_works_and_says_where_it_moved(self):
+        """The deprecated alias runs the same command and warns, naming the new one."""
+        proc = subprocess.run(
+            [sys.executable, "-W", "default", "-m", "sparsity_core", "plugins", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert any(p["plugin"] == "presets" for p in json.loads(proc.stdout))
+        assert "DeprecationWarning" in proc.stderr and "python -m sparsity_app" in proc.stderr
 
 
 class TestTrainCommand:

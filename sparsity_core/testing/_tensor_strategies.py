@@ -1,12 +1,17 @@
 """Strategies for tensors and layers: specs, densities, scores, weights, masks, score contexts.
 
 Every factory takes keyword-only options that accept a plain value or a strategy, validates
-them eagerly, and keeps sizes small. Tensors are built from a drawn integer seed through a
-``torch.Generator``, so examples are cheap, shrink well and never touch the global RNG.
+them eagerly, and keeps sizes small. A tensor's values are decoded from random bytes: for a
+tensor of up to ``_DRAWN_NUMEL`` elements hypothesis draws the bytes, so a failing example
+shrinks element by element to a simple tensor (zeros, small integers, the first positions of a
+mask); above that the bytes come from a drawn seed through a ``torch.Generator``, which keeps
+large examples cheap (only their shape and seed shrink). Neither touches the global RNG.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +39,11 @@ __all__ = [
 _SEED_MAX = 2**32 - 1
 _NONFINITE = (float("nan"), float("inf"), float("-inf"))
 
+# Tensors with at most this many elements take their bytes from hypothesis (and shrink value
+# by value); larger ones from a seed. 256 covers nearly every layer :func:`layer_specs` draws,
+# and keeps a score context (about 13 bytes an element) well inside hypothesis's example size.
+_DRAWN_NUMEL = 256
+
 
 def _strategy(value: Any) -> SearchStrategy[Any]:
     """``value`` itself if it is a strategy, else a strategy that always gives ``value``."""
@@ -49,6 +59,54 @@ def _generator(seed: int) -> torch.Generator:
 def seeds() -> SearchStrategy[int]:
     """Integer seeds for ``torch.Generator`` (shrinking towards 0)."""
     return st.integers(min_value=0, max_value=_SEED_MAX)
+
+
+@functools.cache
+def _exactly(count: int) -> SearchStrategy[bytes]:
+    # One strategy per size: a new one would be validated at every draw.
+    return st.binary(min_size=count, max_size=count)
+
+
+def _bytes(draw: Any, numel: int, width: int) -> torch.Tensor:
+    """``(numel, width)`` random bytes (int64): drawn, up to ``_DRAWN_NUMEL`` elements, else
+    from a drawn seed. Drawn bytes shrink towards 0, so every decoder below maps 0 to the
+    simplest value."""
+    count = numel * width
+    if numel > _DRAWN_NUMEL:
+        gen = _generator(draw(seeds()))
+        raw = torch.randint(0, 256, (count,), generator=gen, dtype=torch.uint8)
+    elif count:
+        raw = torch.frombuffer(bytearray(draw(_exactly(count))), dtype=torch.uint8)
+    else:
+        raw = torch.zeros(0, dtype=torch.uint8)
+    return raw.reshape(numel, width).long()
+
+
+def _values(draw: Any, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Values in ``(-4, 4)`` on a grid of ``2**-21``, three bytes each (so a drawn tensor is
+    distinct but for rare collisions). The first byte holds the sign (bit 0), the integer part
+    (bits 1-2) and the first five bits of the fraction; the other two refine the fraction.
+    Shrinking lowers the bytes one by one, first to last, so it settles each element on 0, 1,
+    2 or 3 (then a multiple of 1/32) before it clears the refinement."""
+    raw = _bytes(draw, math.prod(size), 3)
+    head, tail = raw[:, 0], (raw[:, 1] * 256 + raw[:, 2]).double()
+    magnitude = ((head >> 1) & 3) + ((head >> 3) + tail / 2**16) / 32
+    negative = (head & 1).bool() & (magnitude > 0)  # never -0.0
+    return torch.where(negative, -magnitude, magnitude).reshape(size).to(dtype)
+
+
+def _sprinkle(
+    draw: Any, out: torch.Tensor, rate: float, picks: Sequence[float], where: Any = None
+) -> torch.Tensor:
+    """``out`` with about ``rate`` of its positions (of ``where``, if given) set to one of
+    ``picks``: a position's byte at or above ``256 * (1 - rate)`` marks it and chooses the
+    pick, so shrinking unmarks positions (and prefers the first pick)."""
+    raw = _bytes(draw, out.numel(), 1).reshape(out.shape)
+    marked = raw >= round(256 * (1 - rate))
+    if where is not None:
+        marked &= where
+    values = torch.tensor(picks, dtype=out.dtype)
+    return torch.where(marked, values[raw % len(picks)], out)
 
 
 def densities(*, min_value: float = 0.05, max_value: float = 1.0) -> SearchStrategy[float]:
@@ -133,7 +191,8 @@ def scores(
     nonfinite: bool | SearchStrategy[bool] = False,
     dtype: torch.dtype = torch.float32,
 ) -> SearchStrategy[torch.Tensor]:
-    """Float score tensors of ``shape``: distinct values, or (``ties``) few levels and zeros.
+    """Float score tensors of ``shape``: distinct values in ``(-4, 4)``, or (``ties``) few
+    levels and zeros. Up to 256 elements the values shrink (towards zeros and small integers).
 
     Args:
         ties: also draw tensors with many equal values (a handful of levels, all zeros, or
@@ -153,25 +212,20 @@ def _scores(draw: Any, shape: Any, ties: Any, nonfinite: Any, dtype: torch.dtype
     if draw(ties):
         kinds += ["levels", "zeros", "constant", "sparse"]
     kind = draw(st.sampled_from(kinds))
-    gen = _generator(draw(seeds()))
-    if kind == "distinct":
-        out = torch.randn(size, generator=gen, dtype=dtype)
-    elif kind == "levels":
+    if kind == "levels":
         levels = draw(st.integers(min_value=2, max_value=4))
-        out = torch.randint(0, levels, size, generator=gen).to(dtype)
+        out = (_bytes(draw, math.prod(size), 1) % levels).reshape(size).to(dtype)
     elif kind == "zeros":
         out = torch.zeros(size, dtype=dtype)
     elif kind == "constant":
         out = torch.full(size, draw(st.sampled_from([1.0, -2.5, 1e-30])), dtype=dtype)
     else:
-        out = torch.randn(size, generator=gen, dtype=dtype)
-        out = out * (torch.rand(size, generator=gen) < 0.3).to(dtype)
+        out = _values(draw, size, dtype)
+        if kind == "sparse":
+            out = _sprinkle(draw, out, 0.7, [0.0])
     if draw(nonfinite):
         rate = draw(st.sampled_from([0.1, 0.5, 1.0]))
-        where = torch.rand(size, generator=gen) < rate
-        values = torch.tensor(_NONFINITE, dtype=dtype)
-        picks = values[torch.randint(0, len(_NONFINITE), size, generator=gen)]
-        out = torch.where(where, picks, out)
+        out = _sprinkle(draw, out, rate, _NONFINITE)
     return out
 
 
@@ -180,7 +234,8 @@ def masks(
     *,
     budget: int | SearchStrategy[int] | None = None,
 ) -> SearchStrategy[torch.Tensor]:
-    """Boolean masks shaped like ``spec`` with exactly ``budget`` active positions, anywhere.
+    """Boolean masks shaped like ``spec`` with exactly ``budget`` active positions, anywhere
+    (up to 256 elements they shrink towards the first positions).
 
     Args:
         budget: the active count (``None``: any count from 0 to ``spec.numel``).
@@ -203,8 +258,11 @@ def _masks(draw: Any, spec: Any, budget: Any) -> torch.Tensor:
             f"masks: budget {count} is outside [0, {layer.numel}] for layer {layer.fqn!r} "
             f"of shape {layer.shape}."
         )
+    # The active positions are the ``count`` lowest drawn priorities (ties to the first), so a
+    # shrunk mask is active at its first positions.
+    raw = _bytes(draw, layer.numel, 2)
+    order = torch.argsort(raw[:, 0] * 256 + raw[:, 1], stable=True)
     out = torch.zeros(layer.numel, dtype=torch.bool)
-    order = torch.randperm(layer.numel, generator=_generator(draw(seeds())))
     out[order[:count]] = True
     return out.reshape(layer.shape)
 
@@ -241,7 +299,8 @@ def weights(
     inactive: str | SearchStrategy[str] = "zero",
     dtype: torch.dtype = torch.float32,
 ) -> SearchStrategy[torch.Tensor]:
-    """Weights of ``shape``; with ``mask``, live (masked) and inactive positions differ.
+    """Weights of ``shape`` in ``(-4, 4)``, shrinking as :func:`scores` do; with ``mask``, live
+    (masked) and inactive positions differ.
 
     Args:
         mask: the active positions (``None``: every position is live).
@@ -315,21 +374,18 @@ def _weights(
     draw: Any, shape: Any, mask: Any, live_zeros: Any, inactive: Any, dtype: torch.dtype
 ) -> torch.Tensor:
     size = tuple(int(s) for s in draw(_strategy(shape)))
-    gen = _generator(draw(seeds()))
-    out = torch.randn(size, generator=gen)
+    out = _values(draw, size, torch.float32)
     live = torch.ones(size, dtype=torch.bool) if mask is None else draw(_strategy(mask))
     if tuple(live.shape) != size:
         raise ValueError(f"weights: mask shape {tuple(live.shape)} is not {size}.")
     if draw(_strategy(live_zeros)):
         rate = draw(st.sampled_from([0.1, 0.2, 0.3, 1.0]), label="live zero rate")
-        out = out.masked_fill(live & (torch.rand(size, generator=gen) < rate), 0.0)
+        out = _sprinkle(draw, out, rate, [0.0], where=live)
     kind = draw(_strategy(inactive))
     if kind == "zero":
         out = out.masked_fill(~live, 0.0)
     elif kind == "nonfinite":
-        picks = torch.tensor([float("inf"), float("-inf"), float("nan")])
-        values = picks[torch.randint(0, 3, size, generator=gen)]
-        out = torch.where(live, out, values)
+        out = _sprinkle(draw, out, 1.0, [float("inf"), float("-inf"), float("nan")], where=~live)
     return out.to(dtype)
 
 

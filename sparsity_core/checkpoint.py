@@ -270,7 +270,7 @@ def check_layers(layers: Mapping[str, LayerState], state: Mapping[str, Any]) -> 
                     f"checkpoint {key}[{fqn!r}] is missing or has the wrong shape; the file is "
                     f"truncated or was written by a different method."
                 )
-        mask = state["masks"][fqn].to(dtype=torch.bool)
+        mask = state["masks"][fqn]  # boolean: check_schema refuses any other dtype
         expected = realized_budget(layer.structure, layer.spec, layer.budget, mask)
         if count(mask) != expected or not layer.structure.satisfied(mask, layer.spec, layer.budget):
             raise CheckpointError(

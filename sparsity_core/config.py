@@ -236,9 +236,7 @@ def _resolved_rule(rule: Any, registry: Registry) -> Any:
 
 
 def _rules(value: Any) -> tuple[LayerRule, ...]:
-    if isinstance(value, LayerRule | Mapping):
-        value = (value,)
-    return tuple(v if isinstance(v, LayerRule) else LayerRule(**v) for v in value)
+    return tuple(v if isinstance(v, LayerRule) else LayerRule(**v) for v in _rules_seq(value))
 
 
 @attrs.frozen

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import component_from_dict
 from .errors import ConfigError, LayerError, SparsityError
-from .layers import LayerSpec
+from .layers import LayerSpec, SkippedLayer
 from .packed_modules import PackedConv, PackedLinear
 from .registry import ComponentType, Registry, get_registry
 from .scheduler import DSTScheduler
@@ -66,15 +66,6 @@ class ExportRow:
 
 class ExportSizeWarning(UserWarning):
     """A layer was packed into a format that takes at least as many bytes as its dense weight."""
-
-
-@attrs.frozen
-class SkippedLayer:
-    """A layer with a mask that was not packed, and why."""
-
-    fqn: str
-    layer_type: str
-    reason: str
 
 
 @attrs.frozen(eq=False)
@@ -266,7 +257,7 @@ def export(
             reason = f"only Linear, Conv1d and Conv2d layers are packed, not {kind}"
         if reason is not None:
             reason += "; kept dense with its inactive weights zeroed"
-            skipped.append(SkippedLayer(fqn, kind, reason))
+            skipped.append(SkippedLayer(fqn, reason, layer_type=kind))
             continue
         spec = LayerSpec.of(fqn, module)
         layer_structures = None if structures is None else structures[fqn]

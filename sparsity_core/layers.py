@@ -65,11 +65,17 @@ class LayerSpec:
 
 @attrs.frozen
 class SkippedLayer:
-    """A weight the scheduler found but does not sparsify, and why (it stays dense)."""
+    """A layer (or weight) left dense, and why: by the scheduler, or by an export.
+
+    ``requested`` marks what the configuration asked for (a ``LayerRule(..., dense=True)``),
+    which is reported but never warned about.
+    """
 
     fqn: str
-    shape: tuple[int, ...] = attrs.field(converter=tuple)
     reason: str
+    layer_type: str = ""
+    shape: tuple[int, ...] = attrs.field(default=(), converter=tuple)
+    requested: bool = False
 
 
 def _matches(fqn: str, patterns: Sequence[str]) -> bool:
@@ -100,10 +106,11 @@ def unsupported_weights(
             out.append(
                 SkippedLayer(
                     fqn,
-                    tuple(weight.shape),
                     f"not a supported layer: nn.MultiheadAttention keeps its q/k/v projection "
                     f"as one packed Parameter ({attr}), which stays dense; its out_proj is a "
                     f"Linear and is sparsified; pass exclude=[{fqn!r}] to acknowledge it",
+                    layer_type=type(module).__name__,
+                    shape=tuple(weight.shape),
                 )
             )
     return out
@@ -125,10 +132,11 @@ def split_frozen(
             frozen.append(
                 SkippedLayer(
                     spec.fqn,
-                    spec.shape,
                     f"frozen (requires_grad=False): it would never train, so it stays dense; "
                     f"pass exclude=[{spec.fqn!r}] to acknowledge it, or set requires_grad=True "
                     f"before building the scheduler to sparsify it",
+                    layer_type=spec.layer_type,
+                    shape=spec.shape,
                 )
             )
     return trainable, frozen

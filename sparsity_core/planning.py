@@ -41,6 +41,7 @@ class Plan:
 
     Attributes:
         config: the config with ``t_end`` resolved against ``total_steps``.
+        structure: the config's own structures, composed (for layers no rule names).
         layers: the sparse layers, in module order.
         skipped: weights found but left dense, with the reason (frozen, dense by a rule, not a
             supported layer).
@@ -48,12 +49,10 @@ class Plan:
     """
 
     config: DSTConfig
+    structure: Any
     layers: tuple[LayerPlan, ...]
     skipped: tuple[SkippedLayer, ...]
     total_steps: int | None = None
-
-    def by_name(self) -> dict[str, LayerPlan]:
-        return {layer.spec.fqn: layer for layer in self.layers}
 
 
 def _check_total_steps(total_steps: Any) -> None:
@@ -87,15 +86,22 @@ def _check_rules(config: DSTConfig, chosen: Sequence[tuple[LayerSpec, nn.Module]
 
 
 def _structures_by_layer(
-    config: DSTConfig, chosen: Sequence[tuple[LayerSpec, nn.Module]]
+    config: DSTConfig, default: Any, chosen: Sequence[tuple[LayerSpec, nn.Module]]
 ) -> tuple[list[tuple[LayerSpec, nn.Module, Any]], list[SkippedLayer]]:
-    """Each layer's composed structure (first matching rule, else the config's)."""
-    default = compose_structures(config.structures)
+    """Each layer's composed structure (first matching rule, else ``default``)."""
     sparse, dense = [], []
     for spec, module in chosen:
         rule = next((r for r in config.rules if r.matches(spec.fqn, spec.layer_type)), None)
         if rule is not None and rule.dense:
-            dense.append(SkippedLayer(spec.fqn, spec.shape, f"dense by LayerRule({rule.match!r})"))
+            dense.append(
+                SkippedLayer(
+                    spec.fqn,
+                    f"dense by LayerRule({rule.match!r})",
+                    layer_type=spec.layer_type,
+                    shape=spec.shape,
+                    requested=True,
+                )
+            )
             continue
         structure = default if rule is None else compose_structures(rule.structures)
         sparse.append((spec, module, structure))
@@ -177,13 +183,15 @@ def plan_layers(
             f"include=/exclude=."
         )
     _check_rules(config, chosen)
-    sparse, dense = _structures_by_layer(config, chosen)
+    default = compose_structures(config.structures)
+    sparse, dense = _structures_by_layer(config, default, chosen)
     for spec, _, structure in sparse:
         structure.validate(spec)
     budgets = _budgets(config, [(spec, structure) for spec, _, structure in sparse])
     unsupported = unsupported_weights(model, include=config.include, exclude=config.exclude)
     return Plan(
         config=config,
+        structure=default,
         layers=tuple(
             LayerPlan(spec, module, structure, *budgets[spec.fqn])
             for spec, module, structure in sparse

@@ -40,7 +40,7 @@ from .planning import Plan, layer_shapes, plan_layers
 from .protocols import Capabilities, capabilities_of
 from .registry import Registry, get_registry
 from .selection import count
-from .structures import compose_structures, describe
+from .structures import describe
 from .telemetry import LayerSummary, UpdateRecord, active_neurons, itop_rate
 
 __all__ = ["SCHEMA_VERSION", "DSTScheduler"]
@@ -150,7 +150,7 @@ class DSTScheduler:
         self.total_steps = plan.total_steps
         self.registry = registry or get_registry()
         self.optimizer = optimizer
-        self.structure = compose_structures(self.config.structures)
+        self.structure = plan.structure
         self.skipped: tuple[SkippedLayer, ...] = plan.skipped
         self.target_densities = {p.spec.fqn: p.target_density for p in plan.layers}
         self._caps = _merge(capabilities_of(self.config.prune), capabilities_of(self.config.grow))
@@ -193,7 +193,7 @@ class DSTScheduler:
     # -- construction helpers -------------------------------------------------------------------
 
     def _warn_skipped(self) -> None:
-        surprising = [s for s in self.skipped if not s.reason.startswith("dense by LayerRule")]
+        surprising = [s for s in self.skipped if not s.requested]
         if surprising:
             listed = "; ".join(f"{s.fqn!r} {tuple(s.shape)}: {s.reason}" for s in surprising)
             warnings.warn(

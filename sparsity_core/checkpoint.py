@@ -33,12 +33,14 @@ __all__ = [
     "check_layout",
     "check_schema",
     "load_checkpoint",
+    "migrated_config",
     "save_checkpoint",
+    "saved_allocation",
     "saved_config",
     "write_text",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _REQUIRED = {"config", "step", "layers", "masks", "ever_active"}
 
 
@@ -191,6 +193,37 @@ def _check_step(state: Mapping[str, Any]) -> None:
         )
 
 
+def migrated_config(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The state's config dict with what older schemas left implicit made explicit.
+
+    Schema 1 (before budgets were rounded over the whole model, and before neuron ablation
+    spared the output layer by default) resumes with ``budget_rounding="per_layer"`` and
+    ``neuron_ablation`` without ``exempt_output``, so its masks and budgets still fit. It does
+    resume under the current ablation rule (see ``sparsity_plugins.structure_ablation``).
+    """
+    config = dict(state["config"])
+    if state.get("schema_version") == 1:
+        config.setdefault("budget_rounding", "per_layer")
+        config.setdefault("init_mask", {"kind": "random"})
+        config.setdefault("reinit", {"kind": "none"})
+
+        def legacy(structure: Any) -> Any:
+            if isinstance(structure, Mapping) and structure.get("kind") == "neuron_ablation":
+                return {"exempt_output": False, **structure}
+            return structure
+
+        if isinstance(config.get("structures"), list):
+            config["structures"] = [legacy(s) for s in config["structures"]]
+        if isinstance(config.get("rules"), list):
+            config["rules"] = [
+                {**r, "structures": [legacy(s) for s in r["structures"]]}
+                if isinstance(r, Mapping) and isinstance(r.get("structures"), list)
+                else r
+                for r in config["rules"]
+            ]
+    return config
+
+
 def saved_config(state: Mapping[str, Any], registry: Registry | None = None) -> DSTConfig:
     """The :class:`DSTConfig` of a state dict (schema checked first); names missing plugins.
 
@@ -198,7 +231,7 @@ def saved_config(state: Mapping[str, Any], registry: Registry | None = None) -> 
     """
     check_schema(state)
     try:
-        return DSTConfig.from_dict(state["config"], registry)
+        return DSTConfig.from_dict(migrated_config(state), registry)
     except (UnknownComponentError, ConfigError) as exc:
         raise CheckpointError(
             f"the checkpoint's config cannot be rebuilt here: {exc} (The checkpoint names its "
@@ -248,17 +281,38 @@ def check_layout(shapes: Mapping[str, tuple[int, ...]], state: Mapping[str, Any]
             )
 
 
+def saved_allocation(state: Mapping[str, Any], fqn: str) -> int:
+    """What layer ``fqn`` held when saved: its ``allocation`` (schema 2), else its budget."""
+    saved = state["layers"][fqn]
+    value = saved.get("allocation", saved["budget"])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(
+            f"checkpoint layers[{fqn!r}].allocation is {value!r}, not a positive int; the file "
+            f"is corrupt."
+        )
+    return value
+
+
 def check_layers(layers: Mapping[str, LayerState], state: Mapping[str, Any]) -> None:
     """Every saved layer matches the model's: names, shapes, budgets, masks and structure."""
     check_layout({fqn: layer.spec.shape for fqn, layer in layers.items()}, state)
     saved_layers = state["layers"]
+    held = planned = 0
     for fqn, layer in layers.items():
         saved = saved_layers[fqn]
-        if int(saved["budget"]) != layer.budget:
+        if int(saved["budget"]) != layer.planned:
             raise CheckpointError(
                 f"layer {fqn!r}: the checkpoint's budget of {saved['budget']} active weights "
-                f"differs from this scheduler's {layer.budget}; the density, distribution or "
+                f"differs from this scheduler's {layer.planned}; the density, distribution or "
                 f"structure differs from the run that wrote it."
+            )
+        allocation = saved_allocation(state, fqn)
+        held += allocation
+        planned += layer.planned
+        if allocation > layer.spec.numel:
+            raise CheckpointError(
+                f"checkpoint layers[{fqn!r}].allocation of {allocation} exceeds the layer's "
+                f"{layer.spec.numel} weights; the file is corrupt."
             )
         keys = ["ever_active"]
         if layer.grad_momentum is not None:
@@ -271,10 +325,15 @@ def check_layers(layers: Mapping[str, LayerState], state: Mapping[str, Any]) -> 
                     f"truncated or was written by a different method."
                 )
         mask = state["masks"][fqn]  # boolean: check_schema refuses any other dtype
-        expected = realized_budget(layer.structure, layer.spec, layer.budget, mask)
-        if count(mask) != expected or not layer.structure.satisfied(mask, layer.spec, layer.budget):
+        expected = realized_budget(layer.structure, layer.spec, allocation, mask)
+        if count(mask) != expected or not layer.structure.satisfied(mask, layer.spec, allocation):
             raise CheckpointError(
                 f"checkpoint mask of {fqn!r} has {count(mask)} active weights (expected "
                 f"{expected}) or breaks the structure {describe(layer.structure)}; the file is "
                 f"corrupt or was written for another structure."
             )
+    if held > planned:
+        raise CheckpointError(
+            f"checkpoint layers hold {held} weights in all, more than the {planned} their "
+            f"budgets allow; the file is corrupt."
+        )

@@ -17,7 +17,9 @@ from .protocols import (
     DropSchedule,
     GrowthCriterion,
     PruneCriterion,
+    Reinitializer,
     StructureConstraint,
+    capabilities_of,
 )
 from .registry import ComponentType, Registry, get_registry
 from .structures import COARSE, level_of, validate_structure_order
@@ -30,6 +32,7 @@ _PROTOCOLS = {
     ComponentType.STRUCTURE: StructureConstraint,
     ComponentType.DISTRIBUTION: Distribution,
     ComponentType.SCHEDULE: DropSchedule,
+    ComponentType.REINIT: Reinitializer,
 }
 
 
@@ -239,6 +242,28 @@ def _rules(value: Any) -> tuple[LayerRule, ...]:
     return tuple(v if isinstance(v, LayerRule) else LayerRule(**v) for v in _rules_seq(value))
 
 
+BUDGET_ROUNDINGS = ("global", "per_layer")
+
+
+def _no_gradient_at_init(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    caps = capabilities_of(value)
+    if caps.needs_grad or caps.needs_optimizer_state or caps.grad_momentum is not None:
+        raise ConfigError(
+            f"DSTConfig.init_mask={value!r} reads gradients or optimizer state, which do not "
+            f"exist before training; use a criterion of the weights alone ('magnitude') or "
+            f"'random'."
+        )
+
+
+def _budget_rounding(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value not in BUDGET_ROUNDINGS:
+        raise ConfigError(
+            f"DSTConfig.budget_rounding={value!r} is not one of {list(BUDGET_ROUNDINGS)}: "
+            f"'global' rounds all layer budgets together to meet the density, 'per_layer' "
+            f"rounds each layer alone."
+        )
+
+
 @attrs.frozen
 class DSTConfig:
     """A complete DST method: components, density and timing.
@@ -264,6 +289,16 @@ class DSTConfig:
         include: fnmatch patterns of layer names to sparsify (empty: all of ``layer_types``).
         exclude: fnmatch patterns of layer names to leave dense and out of the budget.
         rules: per-layer structures (:class:`LayerRule`), first match wins.
+        budget_rounding: ``"global"`` (default): layer budgets are rounded together so the
+            selected layers hold ``density`` of their weights (within the steps constant
+            fan-in allows), and what neuron ablation leaves unused in one layer moves to
+            others; ``"per_layer"``: each layer rounds alone and keeps its own budget (the rule
+            before schema 2, used to resume older checkpoints).
+        init_mask: a prune criterion that scores the dense initial weights; the initial mask
+            keeps the highest scores the structure allows. ``random`` (default): uniformly
+            random; ``magnitude``: the largest initial magnitudes.
+        reinit: re-initialises the weights once the initial mask is drawn, e.g.
+            ``sparse_fan_in`` (rescale for each neuron's sparse fan-in); ``none`` (default).
     """
 
     prune: Any = attrs.field(
@@ -302,6 +337,17 @@ class DSTConfig:
     include: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     exclude: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     rules: tuple[LayerRule, ...] = attrs.field(default=(), converter=_rules)
+    budget_rounding: str = attrs.field(default="global", validator=_budget_rounding)
+    init_mask: Any = attrs.field(
+        default="random",
+        converter=_converter(ComponentType.PRUNE),
+        validator=[_implements(ComponentType.PRUNE), _no_gradient_at_init],
+    )
+    reinit: Any = attrs.field(
+        default="none",
+        converter=_converter(ComponentType.REINIT),
+        validator=_implements(ComponentType.REINIT),
+    )
 
     def to_dict(self, registry: Registry | None = None) -> dict[str, Any]:
         """A JSON-able dict naming every component by its registry name."""
@@ -375,6 +421,8 @@ _FIELD_TYPES = {
     "structures": ComponentType.STRUCTURE,
     "distribution": ComponentType.DISTRIBUTION,
     "drop": ComponentType.SCHEDULE,
+    "init_mask": ComponentType.PRUNE,
+    "reinit": ComponentType.REINIT,
 }
 
 

@@ -8,6 +8,7 @@ plugin leaves the model and masks untouched.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ from .layers import LayerSpec
 from .optim_state import reset_state_at
 from .rng import make_generator
 from .selection import count
-from .structures import realized_budget
+from .structures import active_rows_of, realized_budget
 from .telemetry import UpdateRecord, active_neurons
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "commit_change",
     "compute_change",
     "plan_initial_mask",
+    "resize_change",
     "zero_inactive_",
 ]
 
@@ -45,6 +47,13 @@ class LayerState:
     budget: int
     ever_active: torch.Tensor
     grad_momentum: torch.Tensor | None = None
+    planned: int | None = None
+    """The plan's budget; ``budget`` is what the layer holds now (the two differ once the
+    global apportionment has moved what ablation left unused between layers)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.planned is None:
+            self.planned = self.budget
 
     @property
     def weight(self) -> torch.Tensor:
@@ -71,6 +80,7 @@ class MaskChange:
     new_mask: torch.Tensor
     dropped: torch.Tensor
     grown: torch.Tensor
+    kept: torch.Tensor | None = None
 
 
 def _component_name(component: Any) -> str:
@@ -131,6 +141,15 @@ def _structure_call(structure: Any, method: str, spec: LayerSpec, step: int, *ar
         ) from exc
 
 
+def _takes_planned(structure: Any) -> bool:
+    """Whether ``structure.fill`` accepts ``planned=`` (the layer's planned budget, which a
+    neuron-level structure may need besides what the layer holds now)."""
+    try:
+        return "planned" in inspect.signature(structure.fill).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def compute_change(
     layer: LayerState,
     *,
@@ -165,6 +184,7 @@ def compute_change(
     # Candidates exclude what was just dropped: a drop is never undone in the same update.
     candidates = ~mask
     grow_scores = _score("grow", grow, grow_ctx)
+    extra = {"planned": layer.planned} if _takes_planned(structure) else {}
     new_mask = _structure_call(
         structure,
         "fill",
@@ -176,6 +196,7 @@ def compute_change(
         layer.budget,
         spec,
         previous=mask,
+        **extra,
     )
     if new_mask.dtype != torch.bool or new_mask.shape != mask.shape:
         raise UpdateError(
@@ -196,7 +217,68 @@ def compute_change(
             f"the same update), satisfy the structure and hold exactly its budget of {expected} "
             f"(got {count(new_mask)})."
         )
-    return MaskChange(new_mask=new_mask, dropped=mask & ~new_mask, grown=new_mask & ~mask)
+    return MaskChange(
+        new_mask=new_mask, dropped=mask & ~new_mask, grown=new_mask & ~mask, kept=keep
+    )
+
+
+def resize_change(
+    layer: LayerState,
+    change: MaskChange,
+    budget: int,
+    *,
+    prune: Any,
+    grow: Any,
+    step: int,
+    seed: int,
+    inputs: Mapping[str, Any],
+) -> MaskChange:
+    """``change`` grown or shrunk to ``budget`` on the same active neurons (the global
+    apportionment's move): more weights come from the growth scores among positions inactive
+    before the update, fewer leave by the prune scores (weights grown in this update are at
+    zero, so under magnitude they go first). The criteria see what :func:`compute_change`
+    gave them, so their scores are the same."""
+    spec, mask, weight, structure = layer.spec, layer.mask, layer.weight.detach(), layer.structure
+    device = weight.device
+    current = change.new_mask
+    rows = active_rows_of(current)
+    if budget > count(current):
+        kept = change.kept if change.kept is not None else current & mask
+        ctx = ScoreContext(
+            spec, step, weight, kept, make_generator(seed, spec.fqn, step, "grow", device), **inputs
+        )
+        scores = _score("grow", grow, ctx)
+        base, candidates = current, ~mask & ~current
+    else:
+        ctx = ScoreContext(
+            spec,
+            step,
+            weight,
+            mask,
+            make_generator(seed, spec.fqn, step, "prune", device),
+            **inputs,
+        )
+        scores = _score("prune", prune, ctx)
+        base, candidates = torch.zeros_like(current), current
+    new_mask = _structure_call(
+        structure, "fill", spec, step, scores, base, candidates, budget, spec, active_rows=rows
+    )
+    if (
+        not isinstance(new_mask, torch.Tensor)
+        or new_mask.dtype != torch.bool
+        or new_mask.shape != mask.shape
+        or bool((new_mask & ~(base | candidates)).any())
+        or count(new_mask) != budget
+        or not structure.satisfied(new_mask, spec, budget)
+    ):
+        raise UpdateError(
+            f"structure {_component_name(structure)} could not resize layer {spec.fqn!r} to "
+            f"{budget} active weights on its {count(rows)} active neurons (fill() with "
+            f"active_rows= must hold exactly the budget on those neurons)."
+        )
+    return MaskChange(
+        new_mask=new_mask, dropped=mask & ~new_mask, grown=new_mask & ~mask, kept=change.kept
+    )
 
 
 @torch.no_grad()
@@ -229,11 +311,26 @@ def commit_change(
 
 
 def plan_initial_mask(
-    spec: LayerSpec, structure: Any, budget: int, seed: int, device: torch.device
+    spec: LayerSpec,
+    structure: Any,
+    budget: int,
+    seed: int,
+    device: torch.device,
+    *,
+    criterion: Any = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A uniformly random mask with ``budget`` active positions that satisfies ``structure``."""
+    """A mask with ``budget`` active positions that satisfies ``structure``: the highest
+    scores of ``criterion`` (a prune criterion over the dense initial ``weight``), or
+    uniformly random ones when no criterion is given."""
     gen = make_generator(seed, spec.fqn, 0, "init", device)
-    scores = torch.rand(spec.shape, generator=gen, device=device)
+    if criterion is None:
+        scores = torch.rand(spec.shape, generator=gen, device=device)
+    else:
+        if weight is None:
+            raise UpdateError(f"layer {spec.fqn!r}: an initial-mask criterion needs the weight.")
+        dense = torch.ones(spec.shape, dtype=torch.bool, device=device)
+        scores = _score("init_mask", criterion, ScoreContext(spec, 0, weight, dense, gen))
     empty = torch.zeros(spec.shape, dtype=torch.bool, device=device)
     mask = structure.fill(scores, empty, ~empty, budget, spec)
     if count(mask) != budget or not structure.satisfied(mask, spec, budget):

@@ -69,6 +69,12 @@ def sparsity_register_schedules(register: RegisterFn) -> None:
 
 
 @hookspec
+def sparsity_register_reinits(register: RegisterFn) -> None:
+    """Register weight re-initialisations for the initial mask
+    (:class:`~sparsity_core.protocols.Reinitializer`), e.g. ``sparse_fan_in``."""
+
+
+@hookspec
 def sparsity_register_formats(register: RegisterFn) -> None:
     """Register storage formats (:class:`~sparsity_core.protocols.StorageFormat`)."""
 

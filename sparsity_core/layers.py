@@ -16,6 +16,7 @@ __all__ = [
     "SUPPORTED_LAYER_TYPES",
     "LayerSpec",
     "SkippedLayer",
+    "output_layer",
     "select_layers",
     "split_frozen",
     "unsupported_weights",
@@ -140,6 +141,15 @@ def split_frozen(
                 )
             )
     return trainable, frozen
+
+
+def output_layer(model: nn.Module) -> str | None:
+    """The name of the model's output layer as structures see it: its last Linear or
+    convolution in module order (``None`` if it has none). Neuron ablation never removes
+    that layer's neurons, which are the model's outputs."""
+    classes = tuple(SUPPORTED_LAYER_TYPES.values())
+    names = [n for n, m in model.named_modules() if isinstance(m, classes)]
+    return names[-1] if names else None
 
 
 def select_layers(

@@ -15,11 +15,19 @@ from typing import Any
 import attrs
 from torch import nn
 
+from .budgets import Item, apportion
 from .config import DSTConfig
 from .errors import ConfigError, LayerError, UnknownComponentError
-from .layers import LayerSpec, SkippedLayer, select_layers, split_frozen, unsupported_weights
+from .layers import (
+    LayerSpec,
+    SkippedLayer,
+    output_layer,
+    select_layers,
+    split_frozen,
+    unsupported_weights,
+)
 from .registry import Registry, get_registry
-from .structures import compose_structures, fixed_density
+from .structures import budget_step, compose_structures, fixed_density
 
 __all__ = ["LayerPlan", "Plan", "layer_shapes", "plan_layers"]
 
@@ -85,10 +93,20 @@ def _check_rules(config: DSTConfig, chosen: Sequence[tuple[LayerSpec, nn.Module]
             )
 
 
+def _for_layer(structure: Any, spec: LayerSpec, output: bool) -> Any:
+    """A structure may treat the model's output layer apart (neuron ablation spares it)."""
+    fn = getattr(structure, "for_layer", None)
+    return fn(spec, output=output) if callable(fn) else structure
+
+
 def _structures_by_layer(
-    config: DSTConfig, default: Any, chosen: Sequence[tuple[LayerSpec, nn.Module]]
+    config: DSTConfig,
+    default: Any,
+    chosen: Sequence[tuple[LayerSpec, nn.Module]],
+    output: str | None = None,
 ) -> tuple[list[tuple[LayerSpec, nn.Module, Any]], list[SkippedLayer]]:
-    """Each layer's composed structure (first matching rule, else ``default``)."""
+    """Each layer's composed structure (first matching rule, else ``default``), as the
+    structure adapts it to its layer (``output``: the model's output layer)."""
     sparse, dense = [], []
     for spec, module in chosen:
         rule = next((r for r in config.rules if r.matches(spec.fqn, spec.layer_type)), None)
@@ -104,7 +122,7 @@ def _structures_by_layer(
             )
             continue
         structure = default if rule is None else compose_structures(rule.structures)
-        sparse.append((spec, module, structure))
+        sparse.append((spec, module, _for_layer(structure, spec, spec.fqn == output)))
     if not sparse:
         raise ConfigError(
             f"every selected layer ({[spec.fqn for spec, _ in chosen]}) is kept dense by "
@@ -140,7 +158,13 @@ def _budgets(
                 f"distribution must return densities in (0, 1] (1.0 keeps every weight: k = "
                 f"fan-in under constant_fan_in, never more)."
             )
-        budget = int(structure.budget(spec, d))
+        out[spec.fqn] = (int(structure.budget(spec, d)), float(d))
+    if config.budget_rounding == "global":
+        # A layer that rounds to nothing alone gets one step (k = 1 under constant fan-in)
+        # from the others, as long as they can give it.
+        _round_globally(layers, densities, out)
+    for spec, _ in layers:
+        budget, d = out[spec.fqn]
         if budget < 1:
             raise LayerError(
                 f"layer {spec.fqn!r} (shape {spec.shape}, {spec.numel} weights) gets density "
@@ -148,8 +172,36 @@ def _budgets(
                 f"through the distribution (dense=[{spec.fqn!r}]) or exclude it "
                 f"(exclude=[{spec.fqn!r}])."
             )
-        out[spec.fqn] = (budget, float(d))
     return out
+
+
+def _round_globally(
+    layers: Sequence[tuple[LayerSpec, Any]],
+    densities: Mapping[str, float],
+    out: dict[str, tuple[int, float]],
+) -> None:
+    """Move budgets by up to two whole steps (one input per neuron under constant fan-in,
+    one weight when unstructured) so their sum meets the density over the layers that take
+    part, never above it."""
+    items, names = [], []
+    for spec, structure in layers:
+        step = budget_step(structure, spec)
+        if step is None:
+            continue
+        budget = out[spec.fqn][0]
+        ideal = densities[spec.fqn] * spec.numel
+        most = int(structure.budget(spec, 1.0))
+        if step == 1:
+            items.append(Item(budget, 1, ideal=ideal, low=1, high=most))
+        else:
+            deltas = tuple(d for d in (-2, -1, 0, 1, 2) if step <= budget + d * step <= most)
+            items.append(Item(budget, step, deltas, ideal))
+        names.append(spec.fqn)
+    if not items:
+        return
+    target = math.floor(sum(item.ideal for item in items) + 1e-6)
+    for fqn, budget in zip(names, apportion(items, target), strict=True):
+        out[fqn] = (budget, out[fqn][1])
 
 
 def plan_layers(
@@ -184,7 +236,7 @@ def plan_layers(
         )
     _check_rules(config, chosen)
     default = compose_structures(config.structures)
-    sparse, dense = _structures_by_layer(config, default, chosen)
+    sparse, dense = _structures_by_layer(config, default, chosen, output_layer(model))
     for spec, _, structure in sparse:
         structure.validate(spec)
     budgets = _budgets(config, [(spec, structure) for spec, _, structure in sparse])

@@ -23,6 +23,7 @@ __all__ = [
     "DropSchedule",
     "GrowthCriterion",
     "PruneCriterion",
+    "Reinitializer",
     "StorageFormat",
     "StructureConstraint",
     "capabilities_of",
@@ -144,6 +145,26 @@ class DropSchedule(Protocol):
 
     def fraction(self, step: int, t_end: int) -> float:
         """A value in ``[0, 1]`` for update step ``step`` when updates end at ``t_end``."""
+
+
+@runtime_checkable
+class Reinitializer(Protocol):
+    """Re-initialises a layer's weights once its initial mask is drawn (before training).
+
+    A dense initialisation scaled for the full fan-in leaves a sparse neuron's output with a
+    fraction of the intended variance; a re-initialisation corrects for the sparse fan-in.
+    It changes ``weight`` in place, only where ``mask`` is set; randomness comes only from
+    ``generator`` (seeded per layer), so runs stay reproducible.
+    """
+
+    def apply_(
+        self,
+        weight: torch.Tensor,
+        mask: torch.Tensor,
+        spec: LayerSpec,
+        generator: torch.Generator,
+    ) -> None:
+        """Change ``weight`` in place at the positions ``mask`` keeps."""
 
 
 @runtime_checkable

@@ -62,6 +62,7 @@ class ComponentType(str, enum.Enum):
     STRUCTURE = "structure"
     DISTRIBUTION = "distribution"
     SCHEDULE = "schedule"
+    REINIT = "reinit"
     FORMAT = "format"
     PRESET = "preset"
     STRATEGY = "strategy"
@@ -77,6 +78,7 @@ _HOOKS = {
     ComponentType.STRUCTURE: "sparsity_register_structures",
     ComponentType.DISTRIBUTION: "sparsity_register_distributions",
     ComponentType.SCHEDULE: "sparsity_register_schedules",
+    ComponentType.REINIT: "sparsity_register_reinits",
     ComponentType.FORMAT: "sparsity_register_formats",
     ComponentType.PRESET: "sparsity_register_presets",
     ComponentType.STRATEGY: "sparsity_register_strategies",

@@ -10,12 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .budgets import Item, apportion
 from .checkpoint import (
     SCHEMA_VERSION,
     check_config,
     check_layers,
     check_layout,
     check_schema,
+    migrated_config,
+    saved_allocation,
     saved_config,
 )
 from .config import DSTConfig
@@ -26,6 +29,7 @@ from .engine import (
     commit_change,
     compute_change,
     plan_initial_mask,
+    resize_change,
     zero_inactive_,
 )
 from .errors import (
@@ -39,8 +43,9 @@ from .optim_state import check_optimizer_holds, param_shaped_state, reset_state_
 from .planning import Plan, layer_shapes, plan_layers
 from .protocols import Capabilities, capabilities_of
 from .registry import Registry, get_registry
+from .rng import make_generator
 from .selection import count
-from .structures import describe
+from .structures import active_rows_of, budget_step, describe
 from .telemetry import LayerSummary, UpdateRecord, active_neurons, itop_rate
 
 __all__ = ["SCHEMA_VERSION", "DSTScheduler"]
@@ -162,15 +167,25 @@ class DSTScheduler:
         self.layers: dict[str, LayerState] = {}
         for p in plan.layers:
             device = p.module.weight.device
+            budget = p.budget
             if resume is not None:
                 mask = resume["masks"][p.spec.fqn].to(device=device).clone()
+                budget = saved_allocation(resume, p.spec.fqn)
             else:
-                mask = plan_initial_mask(p.spec, p.structure, p.budget, self.config.seed, device)
+                mask = plan_initial_mask(
+                    p.spec,
+                    p.structure,
+                    p.budget,
+                    self.config.seed,
+                    device,
+                    criterion=self.config.init_mask,
+                    weight=p.module.weight.detach(),
+                )
             momentum = None
             if self._caps.grad_momentum is not None:
                 momentum = torch.zeros_like(p.module.weight, memory_format=torch.contiguous_format)
             self.layers[p.spec.fqn] = LayerState(
-                p.spec, p.module, p.structure, mask, p.budget, mask.clone(), momentum
+                p.spec, p.module, p.structure, mask, budget, mask.clone(), momentum, p.budget
             )
         self._step = 0
         self._optimizer_stepped = False
@@ -181,6 +196,8 @@ class DSTScheduler:
         if resume is not None:
             check_layers(self.layers, resume)
         self._verify_ranks(int(resume["step"]) if resume is not None else 0)
+        if resume is None:
+            self._reinit()
         self._apply_masks(reset_optimizer=True)
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_optimizer_step),
@@ -191,6 +208,21 @@ class DSTScheduler:
         self._warn_no_update()
 
     # -- construction helpers -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _reinit(self) -> None:
+        """The config's re-initialisation of each layer's weights under its initial mask."""
+        reinit = self.config.reinit
+        for fqn, layer in self.layers.items():
+            weight = layer.weight
+            gen = make_generator(self.config.seed, fqn, 0, "reinit", weight.device)
+            try:
+                reinit.apply_(weight.data, layer.mask, layer.spec, gen)
+            except Exception as exc:
+                raise ConfigError(
+                    f"reinit {type(reinit).__name__} failed on layer {fqn!r}: "
+                    f"{type(exc).__name__}: {exc}."
+                ) from exc
 
     def _warn_skipped(self) -> None:
         surprising = [s for s in self.skipped if not s.requested]
@@ -349,11 +381,79 @@ class DSTScheduler:
                 seed=self.config.seed,
                 inputs=self._inputs(fqn, layer),
             )
+        if self.config.budget_rounding == "global":
+            changes = self._rebalance(changes, step)
         # Every layer computed without error: now commit (all or nothing).
-        return [
+        records = [
             commit_change(self.layers[fqn], change, self.optimizer, step, fraction)
             for fqn, change in changes.items()
         ]
+        if self.config.budget_rounding == "global":
+            # What each layer holds now is its share until the next update.
+            for fqn, change in changes.items():
+                layer = self.layers[fqn]
+                if budget_step(layer.structure, layer.spec, change.new_mask) is not None:
+                    layer.budget = count(change.new_mask)
+        return records
+
+    def _rebalance(self, changes: dict[str, MaskChange], step: int) -> dict[str, MaskChange]:
+        """Move what ablation left unused to the layers that can take it (global rounding).
+
+        The layers that take part (a structure with a ``budget_step``) share the sum of their
+        planned budgets; each may end up to two steps from its planned share (a step is one
+        weight per active neuron under constant fan-in; unstructured layers take any count)."""
+        items, names, target = [], [], 0
+        for fqn, change in changes.items():
+            layer = self.layers[fqn]
+            unit = budget_step(layer.structure, layer.spec, change.new_mask)
+            if unit is None:
+                continue
+            held = count(change.new_mask)
+            free = ~layer.mask & ~change.new_mask
+            target += layer.planned
+            if unit == 1:
+                items.append(Item(held, 1, ideal=layer.planned, low=1, high=held + count(free)))
+            else:
+                items.append(self._anchored(layer, change, held, unit, free))
+            names.append(fqn)
+        if not items or sum(item.value for item in items) == target:
+            return changes
+        out = dict(changes)
+        for fqn, item, budget in zip(names, items, apportion(items, target), strict=True):
+            if budget != item.value:
+                out[fqn] = resize_change(
+                    self.layers[fqn],
+                    changes[fqn],
+                    budget,
+                    prune=self.config.prune,
+                    grow=self.config.grow,
+                    step=step,
+                    seed=self.config.seed,
+                    inputs=self._inputs(fqn, self.layers[fqn]),
+                )
+        return out
+
+    @staticmethod
+    def _anchored(
+        layer: LayerState, change: MaskChange, held: int, unit: int, free: torch.Tensor
+    ) -> Item:
+        """A layer that holds ``unit`` weights per step: it may end up to two steps below or
+        above its planned share on its active neurons (``planned // unit`` steps), never
+        drifting further however many updates move it, and never growing a neuron past its
+        free inputs."""
+        rows = active_rows_of(change.new_mask)
+        spare = free.reshape(layer.spec.fan_out, -1).sum(dim=1)[rows]
+        most_up = int(spare.min()) if spare.numel() else 0
+        share = (layer.planned // unit) * unit
+        deltas = []
+        for d in (-2, -1, 0, 1, 2):
+            result = share + d * unit
+            up = (result - held) // unit
+            if unit <= result <= layer.spec.numel and up <= most_up:
+                deltas.append(up)
+        if 0 not in deltas:
+            deltas.append(0)
+        return Item(held, unit, tuple(sorted(set(deltas))), ideal=layer.planned)
 
     def summary(self) -> list[LayerSummary]:
         """Each layer's budget, structure, fan-in range, active neurons and ever-active count."""
@@ -416,7 +516,11 @@ class DSTScheduler:
             "step": self._step,
             "total_steps": self.total_steps,
             "layers": {
-                fqn: {"shape": list(layer.spec.shape), "budget": layer.budget}
+                fqn: {
+                    "shape": list(layer.spec.shape),
+                    "budget": layer.planned,
+                    "allocation": layer.budget,
+                }
                 for fqn, layer in self.layers.items()
             },
             "masks": {fqn: layer.mask.detach().cpu().clone() for fqn, layer in self.layers.items()},
@@ -463,12 +567,13 @@ class DSTScheduler:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore step, masks and history from :meth:`state_dict` (same config and layers)."""
         check_schema(state)
-        check_config(self.config.to_dict(self.registry), state["config"])
+        check_config(self.config.to_dict(self.registry), migrated_config(state))
         check_layers(self.layers, state)
         # Before changing anything: ranks that loaded different checkpoints fail here.
         self._verify_ranks(int(state["step"]), state["masks"])
         for fqn, layer in self.layers.items():
             layer.set_mask(state["masks"][fqn])
+            layer.budget = saved_allocation(state, fqn)
             layer.ever_active.copy_(state["ever_active"][fqn])
             if layer.grad_momentum is not None:
                 layer.grad_momentum.copy_(state["grad_momentum"][fqn])

@@ -28,6 +28,7 @@ __all__ = [
     "FINE",
     "GroupedStructure",
     "StructureCapabilities",
+    "budget_step",
     "compose_structures",
     "describe",
     "fixed_density",
@@ -156,6 +157,28 @@ def realized_budget(structure: Any, spec: LayerSpec, budget: int, mask: torch.Te
     return int(structure.realized_budget(spec, budget, mask))
 
 
+def budget_step(structure: Any, spec: LayerSpec, mask: torch.Tensor | None = None) -> int | None:
+    """The spacing of the budgets ``structure`` can hold on ``spec`` (with ``mask``'s active
+    neurons), or None when it takes part in no global apportionment (its budget is its own).
+
+    Planning rounds every taking-part layer's budget together so the model's total meets the
+    global density; after an update that ablated neurons, the leftover moves between layers in
+    these steps (see :mod:`sparsity_core.budgets`).
+    """
+    fn = getattr(structure, "budget_step", None)
+    if not callable(fn):
+        return None
+    step = fn(spec, mask)
+    if step is None:
+        return None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ConfigError(
+            f"structure {_name(structure)}.budget_step() returned {step!r} for layer "
+            f"{spec.fqn!r}; return a positive int, or None to keep the layer's budget its own."
+        )
+    return step
+
+
 def fixed_density(structure: Any, spec: LayerSpec) -> float | None:
     """The density ``structure`` imposes on the layer ``spec``, if it pins one."""
     if not structure_capabilities(structure).pins_density:
@@ -221,6 +244,11 @@ class GroupedStructure:
     def min_active_rows(self, spec: LayerSpec, budget: int) -> int:
         """The fewest active neurons that can hold ``budget``."""
         return 1
+
+    def budget_step(self, spec: LayerSpec, mask: torch.Tensor | None = None) -> int | None:
+        """The spacing of the budgets this structure holds (see :func:`budget_step`); None
+        (the default): the layer keeps the budget this structure gives it."""
+        return None
 
     def validate(self, spec: LayerSpec) -> None:
         """Layers of any shape are accepted unless a subclass says otherwise."""

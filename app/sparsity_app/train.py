@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 DENSE = "dense"
+OPTIMIZERS = ("sgd", "adam")
 # The layout of the main job's checkpoint files (the scheduler's state inside has its own).
 CHECKPOINT_VERSION = 1
 STRUCTURE = ComponentType.STRUCTURE
@@ -59,6 +60,7 @@ class Recipe:
     model: str = attrs.field(default="mlp")
     drop_fraction: float | None = attrs.field(default=None)
     gamma_sal: float | None = attrs.field(default=None)
+    optimizer: str = attrs.field(default="sgd")
 
     @epochs.validator
     @batch_size.validator
@@ -95,6 +97,23 @@ class Recipe:
                 f"--gamma-sal={value} must lie in [0, 1]: neuron ablation removes a neuron with "
                 f"fewer than gamma_sal * k salient weights (SRigL uses 0.3)."
             )
+
+    @optimizer.validator
+    def _optimizer(self, attribute: attrs.Attribute, value: str) -> None:
+        if value not in OPTIMIZERS:
+            raise ConfigError(
+                f"--optimizer={value!r} is not one of {list(OPTIMIZERS)} (sgd: momentum and "
+                f"weight decay from the recipe; adam: torch.optim.Adam with the recipe's weight "
+                f"decay)."
+            )
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The recipe's optimizer over ``params`` (SGD with momentum, or Adam)."""
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(
+            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
 
     def steps_per_epoch(self, n_train: int) -> int:
         return math.ceil(n_train / self.batch_size)
@@ -237,10 +256,10 @@ def method_config(
         t_end=int(0.75 * total_steps),
     )
     if recipe.drop_fraction is not None:
-        config = attrs.evolve(
-            config,
-            drop=_tuned(ComponentType.SCHEDULE, config.drop, "cosine", alpha=recipe.drop_fraction),
-        )
+        drop = _tuned(ComponentType.SCHEDULE, config.drop, "cosine", alpha=recipe.drop_fraction)
+        if _params(ComponentType.SCHEDULE, drop).get("rate"):  # static's rate 0 stays 0
+            drop = _tuned(ComponentType.SCHEDULE, drop, "constant", rate=recipe.drop_fraction)
+        config = attrs.evolve(config, drop=drop)
     structures = []
     for s in config.structures:
         params = _params(STRUCTURE, s)
@@ -285,9 +304,7 @@ def train_run(
     """
     torch.manual_seed(seed)
     model = build_model(recipe.model, data.num_features, data.num_classes, recipe.hidden)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
-    )
+    optimizer = recipe.make_optimizer(model.parameters())
     steps_per_epoch = recipe.steps_per_epoch(len(data.y_train))
     total_steps = recipe.epochs * steps_per_epoch
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)

@@ -23,12 +23,13 @@ def static(**overrides: Any) -> DSTConfig:
 
 
 def set_(**overrides: Any) -> DSTConfig:
-    """SET: drop smallest magnitudes, regrow at random (cosine-decayed fraction, ERK)."""
+    """SET: drop smallest magnitudes, regrow at random, a constant fraction 0.3 (SET's zeta)
+    at every update, ERK (Mocanu et al. 2018 keep the fraction fixed; RigL decays it)."""
     base = DSTConfig(
         prune="magnitude",
         grow="random",
         distribution="erk",
-        drop={"kind": "cosine", "alpha": 0.3},
+        drop={"kind": "constant", "rate": 0.3},
         delta_t=100,
     )
     return attrs.evolve(base, **overrides)
@@ -47,13 +48,22 @@ def rigl(**overrides: Any) -> DSTConfig:
 
 
 def srigl(**overrides: Any) -> DSTConfig:
-    """SRigL: RigL with constant fan-in and neuron ablation (gamma_sal = 0.3)."""
-    return rigl(**{"structures": ("neuron_ablation", "constant_fan_in"), **overrides})
+    """SRigL: RigL with constant fan-in and neuron ablation (gamma_sal = 0.3; the output
+    layer is never ablated), the initial weights rescaled for each neuron's sparse fan-in
+    (``reinit="sparse_fan_in"``, as the SRigL authors' code initialises)."""
+    return rigl(
+        **{
+            "structures": ("neuron_ablation", "constant_fan_in"),
+            "reinit": "sparse_fan_in",
+            **overrides,
+        }
+    )
 
 
 def srigl_no_ablation(**overrides: Any) -> DSTConfig:
-    """SRigL without neuron ablation: RigL with constant fan-in."""
-    return rigl(**{"structures": ("constant_fan_in",), **overrides})
+    """SRigL without neuron ablation: RigL with constant fan-in (and SRigL's sparse-aware
+    initial scaling)."""
+    return rigl(**{"structures": ("constant_fan_in",), "reinit": "sparse_fan_in", **overrides})
 
 
 NM_GROUP_SIZES = (4, 8, 16, 32)

@@ -1,26 +1,26 @@
 """The ``neuron_ablation`` structure (SRigL): remove neurons with too few salient weights.
 
-At every update, a neuron's salient weights are those that survive the drop plus those among
-the layer's top growth candidates (as many as the update grows). A neuron with fewer than
-``gamma_sal * k`` salient weights (``k`` its current fan-in) is ablated: all its weights are
-dropped and its budget is spread over the remaining neurons, so the fan-in stays constant
-(``k = budget // active neurons``; the weights that do not divide evenly are left out and
-reported through ``realized_budget``). Under N:M, whose N per group is fixed, the ablated
-neuron's weights leave the layer's count instead.
+At every update, a neuron's salient weights are those the drop keeps plus those among the
+layer's ``n_drop`` highest growth scores over all its positions (``n_drop``: how many weights
+this update drops; as in SRigL, a weight counts once when it is both). A neuron with fewer
+than ``max(1, floor(gamma_sal * k))`` salient weights is ablated, ``k`` being the layer's
+fan-in before any ablation (``budget / fan_out`` under constant fan-in; it does not rise as
+neurons go). An ablated neuron's weights are all dropped and its budget is spread over the
+other neurons, so the fan-in stays constant (``k' = budget // active``); what does not divide
+evenly is reported through ``realized_budget`` and, under ``DSTConfig.budget_rounding =
+"global"``, moves to other layers. Under N:M, whose N per group is fixed, the ablated neuron's
+weights leave the layer's count instead.
 
 Rules:
-* Ablated neurons are not revived: once a neuron's budget has moved to the others it stays there.
+* The rule is applied to every neuron at every update: a neuron ablated earlier becomes
+  active again (grown from nothing) when it is salient again.
 * At least ``max(ceil(min_active_fraction * fan_out), ceil(budget / fan_in))`` neurons stay
   active; when the rule would ablate more, the least salient go first.
-* Fewer neurons are ablated than the rule asks when the survivors could not be refilled to the
-  larger fan-in from their own previously inactive inputs (a drop is never undone).
-* Where the budget is spread (constant fan-in) and does not divide evenly over the survivors,
-  the next least salient neurons are ablated too when survivors at fan-in ``k + 1`` would put
-  more of the budget to use than those neurons hold salient weights (at most ``k`` weights are
-  then left out). E.g. a fan-in-40 layer with budget 1024 ablated from 256 to 208 neurons
-  would keep 208 x 4 = 832 weights (19% of its budget unused); ablating 4 more keeps
-  204 x 5 = 1020.
-* Layers matching ``exempt`` (fnmatch patterns, e.g. the output layer) are never ablated.
+* When the rule's neurons could not all be refilled to the new fan-in (a drop is never undone,
+  and no neuron may keep more than the fan-in), the rule is applied to the neurons active
+  before only, ablating fewer of them until the survivors fit.
+* The model's output layer (its last Linear or convolution in module order; ``exempt_output``)
+  and layers matching ``exempt`` (fnmatch patterns) are never ablated.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from sparsity_core.selection import count, row_counts, topk_mask
 from sparsity_core.structures import (
     StructureCapabilities,
     active_rows_of,
+    budget_step,
     describe,
     fixed_density,
     structure_capabilities,
@@ -54,6 +55,7 @@ class NeuronAblation:
     gamma_sal: float = attrs.field(default=0.3, converter=float, validator=unit_interval)
     min_active_fraction: float = attrs.field(default=0.0, converter=float, validator=unit_interval)
     exempt: tuple[str, ...] = attrs.field(default=(), converter=str_tuple)
+    exempt_output: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
     def wrap(self, inner: Any) -> AblatedStructure:
         return AblatedStructure(self, inner)
@@ -77,6 +79,11 @@ class AblatedStructure:
 
     def describe(self) -> str:
         return f"neuron_ablation + {describe(self.inner)}"
+
+    def for_layer(self, spec: LayerSpec, *, output: bool) -> Any:
+        """The structure for one layer: on the model's output layer (its neurons are the
+        outputs) the inner one alone, unless ``exempt_output`` is off."""
+        return self.inner if output and self.ablation.exempt_output else self
 
     def _exempt(self, spec: LayerSpec) -> bool:
         return any(fnmatch.fnmatchcase(spec.fqn, p) for p in self.ablation.exempt)
@@ -114,6 +121,30 @@ class AblatedStructure:
         counts = self.inner.group_counts(spec, budget, active.device, active)
         return counts.reshape(spec.fan_out, -1).sum(dim=1)
 
+    def budget_step(self, spec: LayerSpec, mask: torch.Tensor | None = None) -> int | None:
+        return budget_step(self.inner, spec, mask)
+
+    def threshold(self, spec: LayerSpec, budget: int) -> int:
+        """Fewest salient weights a neuron needs to stay: ``max(1, floor(gamma_sal * k))``
+        with ``k`` the layer's fan-in before any ablation (``budget / fan_out`` under constant
+        fan-in), so it never rises as neurons are ablated. ``gamma_sal = 0`` ablates nothing."""
+        if self.ablation.gamma_sal == 0.0:
+            return 0
+        full = torch.ones(spec.fan_out, dtype=torch.bool)
+        k = int(self._row_counts(spec, budget, full).max())
+        return max(1, math.floor(self.ablation.gamma_sal * k + 1e-9))
+
+    def salient_counts(
+        self, scores: torch.Tensor, base: torch.Tensor, previous: torch.Tensor, spec: LayerSpec
+    ) -> torch.Tensor:
+        """Salient weights per neuron: those the drop keeps, plus the layer's ``n_drop``
+        highest growth scores over every position (active, just dropped or inactive, in any
+        neuron, ablated ones included), ``n_drop`` being how many this update drops."""
+        n_drop = count(previous) - count(base)
+        everywhere = torch.ones_like(base)
+        top = topk_mask(scores, min(max(n_drop, 0), base.numel()), everywhere)
+        return row_counts(_rows(spec, base | top))
+
     def fill(
         self,
         scores: torch.Tensor,
@@ -124,81 +155,75 @@ class AblatedStructure:
         *,
         previous: torch.Tensor | None = None,
         active_rows: torch.Tensor | None = None,
+        planned: int | None = None,
     ) -> torch.Tensor:
+        """Ablate by the rule, then fill the active neurons to ``budget`` (what the layer holds
+        now). ``planned`` (the layer's planned budget, given by the engine) sets the ``k`` of the
+        threshold, so moving budget between layers never moves the threshold."""
+        if active_rows is not None:
+            # The neurons are decided (a global rebalance resizes the layer): fill them.
+            rows = active_rows.reshape(-1, *([1] * (base.dim() - 1)))
+            return self.inner.fill(
+                scores, base & rows, candidates & rows, budget, spec, active_rows=active_rows
+            )
         if previous is None or self._exempt(spec):
             # The initial mask (and exempt layers) keep every neuron.
             return self.inner.fill(scores, base, candidates, budget, spec)
-        active_old = active_rows_of(previous)
-        k_old = self._row_counts(spec, budget, active_old)
-        pool = candidates & ~base & active_old.reshape(-1, *([1] * (base.dim() - 1)))
-        n_grow = int(k_old.sum()) - count(base)
-        top = topk_mask(scores, min(max(n_grow, 0), count(pool)), pool)
-        salient = row_counts(_rows(spec, base | top))
-        below = active_old & (salient < self.ablation.gamma_sal * k_old)
-        # Least salient first (the marked ones, then the other active ones; ablated neurons
-        # last); never below the minimum of active neurons.
-        rank = torch.where(below, salient, torch.where(active_old, salient + 2**40, 2**62))
-        order = torch.argsort(rank, stable=True)
-        n_old = int(active_old.sum())
-        limit = n_old - self._min_rows(spec, budget)
-        most = min(int(below.sum()), limit)
+        salient = self.salient_counts(scores, base, previous, spec)
+        below = salient < self.threshold(spec, budget if planned is None else planned)
         capacity = row_counts(_rows(spec, base | candidates))
+        kept = row_counts(_rows(spec, base))
+        n_min = self._min_rows(spec, budget)
 
-        def survivors(n_ablate: int) -> torch.Tensor:
-            active = active_old.clone()
-            active[order[:n_ablate]] = False
-            return active
+        def fits(active: torch.Tensor) -> bool:
+            # Every active neuron can be refilled to the new fan-in from what it kept and its
+            # previously inactive inputs (a drop is never undone), and none kept more.
+            k = self._row_counts(spec, budget, active)
+            return bool(((k <= capacity) & (~active | (k >= kept))).all())
 
-        def feasible(n_ablate: int) -> bool:
-            active = survivors(n_ablate)
-            return bool((self._row_counts(spec, budget, active) <= capacity).all())
-
-        lo, hi = 0, max(most, 0)  # lo is always feasible: no ablation refills from inactive inputs
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if feasible(mid):
-                lo = mid
-            else:
-                hi = mid - 1
-        held = lambda a0, a1: int(salient[order[a0:a1]].sum())  # noqa: E731
-        lo = self._least_lossy(spec, budget, survivors, feasible, held, n_old, lo, limit)
-        active_new = survivors(lo)
+        # The rule over every neuron (a neuron ablated before comes back when it is salient
+        # again), least salient first, never below the minimum of active neurons.
+        order = torch.argsort(salient, stable=True)
+        n_ablate = max(min(int(below.sum()), spec.fan_out - n_min), 0)
+        active_new = torch.ones(spec.fan_out, dtype=torch.bool, device=base.device)
+        active_new[order[:n_ablate]] = False
+        if not fits(active_new):
+            active_new = self._among_active(spec, budget, previous, salient, below, fits)
         keep_rows = active_new.reshape(-1, *([1] * (base.dim() - 1)))
         return self.inner.fill(
             scores, base & keep_rows, candidates & keep_rows, budget, spec, active_rows=active_new
         )
 
-    def _least_lossy(
+    def _among_active(
         self,
         spec: LayerSpec,
         budget: int,
-        survivors: Any,
-        feasible: Any,
-        held: Any,
-        n_old: int,
-        marked: int,
-        limit: int,
-    ) -> int:
-        """``marked`` (the neurons the rule ablates), or ``marked`` plus the next least salient
-        neurons where survivors at fan-in k + 1 instead of k put more of the budget to use than
-        those neurons hold salient weights (``held(a0, a1)``: the salient weights of the
-        neurons ranked a0..a1-1). Only where the inner structure spreads the budget (not N:M)."""
-        if marked <= 0:
-            return marked
-        # Does the inner structure spread the budget? (Constant fan-in: fewer rows, larger k;
-        # N:M: k per row is fixed.) Probed at the fewest rows it accepts.
-        probe = torch.zeros(spec.fan_out, dtype=torch.bool)
-        probe[: self.inner.min_active_rows(spec, budget)] = True
-        full = self._row_counts(spec, budget, torch.ones_like(probe)).max()
-        if not bool(self._row_counts(spec, budget, probe).max() > full):
-            return marked
-        counts = self._row_counts(spec, budget, survivors(marked))
-        n_next = budget // (int(counts.max()) + 1)
-        more = n_old - n_next
-        if more <= marked or more > limit or not feasible(more):
-            return marked
-        gained = int(self._row_counts(spec, budget, survivors(more)).sum()) - int(counts.sum())
-        return more if gained > held(marked, more) else marked
+        previous: torch.Tensor,
+        salient: torch.Tensor,
+        below: torch.Tensor,
+        fits: Any,
+    ) -> torch.Tensor:
+        """The rule restricted to the neurons active before (no revival), ablating fewer of
+        them while the survivors could not be refilled; ablating none always fits."""
+        active_old = active_rows_of(previous)
+        marked = active_old & below
+        rank = torch.where(marked, salient, torch.where(active_old, salient + 2**40, 2**62))
+        order = torch.argsort(rank, stable=True)
+        limit = int(active_old.sum()) - self._min_rows(spec, budget)
+        lo, hi = 0, max(min(int(marked.sum()), limit), 0)
+
+        def survivors(n: int) -> torch.Tensor:
+            active = active_old.clone()
+            active[order[:n]] = False
+            return active
+
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(survivors(mid)):
+                lo = mid
+            else:
+                hi = mid - 1
+        return survivors(lo)
 
     def satisfied(self, mask: torch.Tensor, spec: LayerSpec, budget: int) -> bool:
         if self._exempt(spec):

@@ -9,16 +9,18 @@ import torch
 
 from sparsity_core import LayerSpec, hookimpl
 from sparsity_core.errors import UpdateError
-from sparsity_core.structures import GroupedStructure, StructureCapabilities
+from sparsity_core.structures import GroupedStructure, StructureCapabilities, active_rows_of
 
 
 @attrs.frozen
 class ConstantFanIn(GroupedStructure):
     """Rows of the ``[fan_out, fan_in]`` view (output neurons / channels) each keep k inputs.
 
-    ``k = round(density * fan_in)``, so the layer budget is ``k * fan_out`` and the achieved
-    density differs from the requested one by less than half an input per neuron. Under neuron
-    ablation the layer budget is spread over the active neurons: ``k = budget // active``.
+    ``k = round(density * fan_in)`` alone, so the layer budget is ``k * fan_out``; planning
+    then rounds every layer's ``k`` together (one input per neuron up or down) so the model's
+    total meets the global density (``budget_step``). Under neuron ablation the layer budget
+    is spread over the active neurons: ``k = budget // active``, and the remainder moves to
+    other layers.
     """
 
     capabilities = StructureCapabilities(per_neuron=True, constant_fan_in=True)
@@ -31,6 +33,12 @@ class ConstantFanIn(GroupedStructure):
 
     def budget(self, spec: LayerSpec, density: float) -> int:
         return math.floor(density * spec.fan_in + 0.5) * spec.fan_out
+
+    def budget_step(self, spec: LayerSpec, mask: torch.Tensor | None = None) -> int:
+        """One more input per active neuron."""
+        if mask is None:
+            return spec.fan_out
+        return max(1, int(active_rows_of(mask).sum()))
 
     def min_active_rows(self, spec: LayerSpec, budget: int) -> int:
         return max(1, math.ceil(budget / spec.fan_in))

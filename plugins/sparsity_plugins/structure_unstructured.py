@@ -33,6 +33,9 @@ class Unstructured(GroupedStructure):
     def budget(self, spec: LayerSpec, density: float) -> int:
         return math.floor(density * spec.numel + 0.5)
 
+    def budget_step(self, spec: LayerSpec, mask: torch.Tensor | None = None) -> int:
+        return 1
+
 
 @hookimpl
 def sparsity_register_structures(register) -> None:

@@ -54,6 +54,11 @@ from .method_checks import (
     check_method_zero_drop_is_identity,
     check_preset_accepts_overrides,
 )
+from .reinit_checks import (
+    check_reinit_deterministic,
+    check_reinit_finite,
+    check_reinit_only_active,
+)
 from .run_checks import (
     check_checkpoint_resume,
     check_method_run,
@@ -62,6 +67,7 @@ from .run_checks import (
 )
 from .structure_checks import (
     check_structure_budget,
+    check_structure_budget_step,
     check_structure_keep,
     check_structure_satisfied_rejects_violations,
     check_structure_select,
@@ -116,9 +122,13 @@ __all__ = [
     "check_method_structure_holds",
     "check_method_zero_drop_is_identity",
     "check_preset_accepts_overrides",
+    "check_reinit_deterministic",
+    "check_reinit_finite",
+    "check_reinit_only_active",
     "check_same_seed_same_masks",
     "check_schedule_fraction_in_range",
     "check_structure_budget",
+    "check_structure_budget_step",
     "check_structure_keep",
     "check_structure_keep_drop_count",
     "check_structure_keep_highest",

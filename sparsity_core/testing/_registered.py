@@ -9,7 +9,7 @@ import attrs
 
 from .. import registry as _registry
 from ..config import DSTConfig
-from ..protocols import Distribution, DropSchedule, StructureConstraint
+from ..protocols import Distribution, DropSchedule, Reinitializer, StructureConstraint
 from ..registry import ComponentEntry, ComponentType
 from ..structures import COARSE, level_of
 
@@ -28,6 +28,7 @@ COMPONENT_KINDS: dict[str, tuple[ComponentType, ...]] = {
     "distribution": (ComponentType.DISTRIBUTION,),
     "schedule": (ComponentType.SCHEDULE,),
     "format": (ComponentType.FORMAT,),
+    "reinit": (ComponentType.REINIT,),
     "method": (),
     "preset": (ComponentType.PRESET,),
 }
@@ -62,11 +63,14 @@ def component_kind(component: Any) -> str:
         return "schedule"
     if callable(getattr(component, "scores", None)):
         return "criterion"
+    if isinstance(component, Reinitializer):
+        return "reinit"
     if callable(component) and not isinstance(component, type):
         return "preset"
     raise TypeError(
         f"the testing kit cannot check {component!r}: pass a component instance (a prune or "
-        f"growth criterion, structure, distribution, drop schedule or storage format), a "
+        f"growth criterion, structure, distribution, drop schedule, re-initialisation or "
+        f"storage format), a "
         f"DSTConfig, or a preset function returning one. A class must be instantiated first."
     )
 

@@ -14,7 +14,7 @@ from ..errors import ConfigError, LayerError, SparsityWarning, UpdateError
 from ..optim_state import param_shaped_state
 from ..registry import ComponentType, Registry
 from ..scheduler import DSTScheduler
-from ..structures import describe, realized_budget
+from ..structures import budget_step, describe, realized_budget
 from ..telemetry import UpdateRecord
 from ._common import _count, _describe, _fail, _same
 from ._registered import registry
@@ -73,6 +73,8 @@ def _components(config: Any) -> list[tuple[ComponentType, Any]]:
         (ComponentType.GROWTH, config.grow),
         (ComponentType.DISTRIBUTION, config.distribution),
         (ComponentType.SCHEDULE, config.drop),
+        (ComponentType.PRUNE, config.init_mask),
+        (ComponentType.REINIT, config.reinit),
     ]
     structures = list(config.structures)
     for rule in config.rules:
@@ -143,7 +145,9 @@ class Training:
         self.check, self.model, self.optimizer, self.scheduler = check, model, optimizer, scheduler
         self.data, self.loss_fn = data, loss_fn or mse
         self.hook, self.monitors = before_optimizer_step, frozenset(monitors)
-        self.budgets = {fqn: layer.budget for fqn, layer in scheduler.layers.items()}
+        self.budgets = {
+            fqn: getattr(layer, "planned", layer.budget) for fqn, layer in scheduler.layers.items()
+        }
         self.mask_objects = dict(scheduler.masks)
         self.structures = {fqn: layer.structure for fqn, layer in scheduler.layers.items()}
         self.keeps: dict[str, tuple[Any, ...]] = {}
@@ -268,15 +272,36 @@ class Training:
                     self._fail(fqn, f"the mask breaks N:M: {broken}")
             if "zeros" in on:
                 self._check_zero(fqn, layer, ~mask, "inactive")
+        if "budget" in on:
+            self._check_global_budget()
 
     def _check_budget(self, fqn: str, layer: Any) -> None:
-        if layer.budget != self.budgets[fqn]:
+        planned = getattr(layer, "planned", layer.budget)
+        if planned != self.budgets[fqn]:
+            self._fail(fqn, f"the planned budget changed from {self.budgets[fqn]} to {planned}")
+        # Only layers in the global apportionment may hold another share than planned.
+        shared = budget_step(self.structures[fqn], layer.spec, layer.mask) is not None
+        if layer.budget != self.budgets[fqn] and not (
+            shared and self.scheduler.config.budget_rounding == "global"
+        ):
             self._fail(fqn, f"the budget changed from {self.budgets[fqn]} to {layer.budget}")
+        if layer.budget > layer.spec.numel:
+            self._fail(fqn, f"the budget {layer.budget} exceeds the layer's {layer.spec.numel}")
         expected = realized_budget(self.structures[fqn], layer.spec, layer.budget, layer.mask)
         if expected > layer.budget:
             self._fail(fqn, f"the realized budget {expected} exceeds the budget {layer.budget}")
         if _count(layer.mask) != expected:
             self._fail(fqn, f"{_count(layer.mask)} weights are active, not the budget {expected}")
+
+    def _check_global_budget(self) -> None:
+        """The layers sharing one global budget never hold more than their plans add up to."""
+        held = planned = 0
+        for fqn, layer in self.scheduler.layers.items():
+            if budget_step(self.structures[fqn], layer.spec, layer.mask) is not None:
+                held += _count(layer.mask)
+                planned += self.budgets[fqn]
+        if held > planned:
+            self._fail("*", f"the layers hold {held} weights, more than their {planned} planned")
 
     def _check_zero(self, fqn: str, layer: Any, where: torch.Tensor, what: str) -> None:
         """Weights and every parameter-shaped optimizer state are exactly 0 at ``where``."""

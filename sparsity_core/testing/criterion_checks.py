@@ -227,6 +227,12 @@ def _rng_equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+def moved_rngs(before: dict[str, Any]) -> list[str]:
+    """The global RNGs (of :func:`_global_rng_states` ``before``) whose state has moved since."""
+    after = _global_rng_states()
+    return [name for name in before if not _rng_equal(before[name], after.get(name))]
+
+
 def check_criterion_no_global_rng(
     criterion: Any,
     *,
@@ -240,8 +246,7 @@ def check_criterion_no_global_rng(
     def body(ctx: ScoreContext) -> None:
         before = _global_rng_states()
         _scores(check, criterion, ctx)
-        after = _global_rng_states()
-        moved = [name for name in before if not _rng_equal(before[name], after.get(name))]
+        moved = moved_rngs(before)
         if moved:
             _fail(
                 check,

@@ -22,7 +22,13 @@ from hypothesis import strategies as st
 
 from ..errors import LayerError
 from ..layers import LayerSpec
-from ..structures import active_rows_of, describe, realized_budget, structure_capabilities
+from ..structures import (
+    active_rows_of,
+    budget_step,
+    describe,
+    realized_budget,
+    structure_capabilities,
+)
 from ._common import (
     FAST,
     Draw,
@@ -40,6 +46,7 @@ from ._tensor_strategies import fractions, layer_specs, scores
 
 __all__ = [
     "check_structure_budget",
+    "check_structure_budget_step",
     "check_structure_keep",
     "check_structure_satisfied_rejects_violations",
     "check_structure_select",
@@ -139,6 +146,63 @@ def _initial(
     where = _where(spec, budget)
     mask = _call(check, s, where, "fill()", lambda: s.fill(values, empty, ~empty, budget, spec))
     return _check_mask_value(check, s, spec, mask, "fill()")
+
+
+def check_structure_budget_step(structure: Any, *, max_examples: int | None = None) -> None:
+    """A structure that declares ``budget_step`` (it takes part in the global budget) holds the
+    budgets one step either side of its own on the same active neurons: from its initial mask,
+    ``fill(..., active_rows=...)`` to ``budget + step`` keeps the mask and adds only candidates,
+    to ``budget - step`` keeps a subset, each with exactly that many weights and satisfying the
+    structure. A step of ``n > 1`` is one weight per active neuron. Structures without a step
+    pass (their budget is their own)."""
+    check = "check_structure_budget_step"
+
+    def example(draw: Draw) -> None:
+        s, spec, budget = _draw_case(check, draw, structure)
+        where = _where(spec, budget)
+        step = _call(check, s, where, "budget_step(spec)", lambda: budget_step(s, spec))
+        if step is None or budget < 1:
+            return
+        values = draw(scores(spec.shape, nonfinite=st.booleans()), label="scores")
+        mask = _initial(check, s, spec, values, budget)
+        step = _call(check, s, where, "budget_step(spec, mask)", lambda: budget_step(s, spec, mask))
+        if step is None:
+            return
+        rows = active_rows_of(mask)
+        free = (~mask).reshape(spec.fan_out, -1).any(dim=1)
+        empty = torch.zeros_like(mask)
+        moves = []
+        if budget + step <= spec.numel and (bool(free[rows].all()) if step > 1 else True):
+            moves.append((budget + step, mask, ~mask, "grow"))
+        if budget - step >= max(step, 1):
+            moves.append((budget - step, empty, mask, "shrink"))
+        for target, base, candidates, name in moves:
+            label = f"fill(..., {target}, active_rows=...) ({name} by the step {step})"
+            new = _call(
+                check,
+                s,
+                where,
+                label,
+                lambda t=target, b=base, c=candidates: s.fill(
+                    values, b, c, t, spec, active_rows=rows
+                ),
+            )
+            new = _check_mask_value(check, s, spec, new, label)
+            if bool((base & ~new).any()) or bool((new & ~(base | candidates)).any()):
+                _fail(check, s, where, f"{label} dropped a base weight or added a non-candidate")
+            same_rows = step == 1 or bool((active_rows_of(new) == rows).all())
+            if _count(new) != target or not same_rows:
+                _fail(
+                    check,
+                    s,
+                    where,
+                    f"{label} holds {_count(new)} weights on {_count(active_rows_of(new))} "
+                    f"neurons, not {target} on the {_count(rows)} given: budget_step() "
+                    f"declares a step the structure cannot take",
+                )
+            _assert_satisfies(check, s, spec, new, target)
+
+    run_examples(check, example, cost=FAST, max_examples=max_examples)
 
 
 def check_structure_validate(structure: Any, *, max_examples: int | None = None) -> None:

@@ -53,8 +53,14 @@ from .method_checks import (
     check_preset_accepts_overrides,
 )
 from .profiles import check_settings
+from .reinit_checks import (
+    check_reinit_deterministic,
+    check_reinit_finite,
+    check_reinit_only_active,
+)
 from .structure_checks import (
     check_structure_budget,
+    check_structure_budget_step,
     check_structure_keep,
     check_structure_satisfied_rejects_violations,
     check_structure_select,
@@ -105,6 +111,7 @@ CHECKS: dict[str, tuple[Check, ...]] = {
     "structure": (
         check_structure_validate,
         check_structure_budget,
+        check_structure_budget_step,
         check_structure_select,
         check_structure_select_idempotent,
         check_structure_keep,
@@ -124,6 +131,7 @@ CHECKS: dict[str, tuple[Check, ...]] = {
         check_format_keeps_live_zeros,
         check_format_rejects_unsupported,
     ),
+    "reinit": (check_reinit_only_active, check_reinit_finite, check_reinit_deterministic),
     "method": METHOD_CHECKS,
     "preset": (check_preset_accepts_overrides, *METHOD_CHECKS),
 }

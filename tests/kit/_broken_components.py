@@ -16,6 +16,7 @@ from sparsity_formats.condensed import Condensed, CondensedWeight
 from sparsity_formats.csr import CSR
 from sparsity_formats.dense_masked import DenseMasked, DenseMaskedWeight
 from sparsity_plugins.distributions import ErdosRenyiKernel, Uniform, scaled_densities
+from sparsity_plugins.structure_fan_in import ConstantFanIn
 from sparsity_plugins.structure_nm import NM
 from sparsity_plugins.structure_unstructured import Unstructured
 
@@ -376,3 +377,40 @@ def preset_ignoring_overrides(**overrides: Any) -> DSTConfig:
 def preset_without_overrides() -> DSTConfig:
     """Takes no keyword arguments at all."""
     return DSTConfig(prune="magnitude", grow="gradient")
+
+
+# -- re-initialisations ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class WholeRowScale:
+    """Broken: scales whole rows, inactive positions included."""
+
+    def apply_(self, weight, mask, spec, generator):
+        weight.mul_(2.0)
+
+
+@attrs.frozen
+class ZeroFanInScale:
+    """Broken: scales by ``sqrt(fan_in / (k - 1))``: Inf on a neuron with one active input."""
+
+    def apply_(self, weight, mask, spec, generator):
+        k = mask.reshape(spec.fan_out, -1).sum(dim=1).reshape(-1, *([1] * (mask.dim() - 1)))
+        scale = (spec.fan_in / (k - 1).to(weight.dtype)).sqrt()
+        weight.copy_(torch.where(mask, weight * scale, weight))
+
+
+@attrs.frozen
+class GlobalRngReinit:
+    """Broken: draws from torch's global generator."""
+
+    def apply_(self, weight, mask, spec, generator):
+        weight.copy_(torch.where(mask, torch.randn(weight.shape), weight))
+
+
+@attrs.frozen
+class WrongStepFanIn(ConstantFanIn):
+    """Broken: declares a budget step of 1 weight, but a constant fan-in moves a whole column."""
+
+    def budget_step(self, spec, mask=None):
+        return 1

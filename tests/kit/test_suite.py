@@ -121,6 +121,7 @@ class TestComponentIds:
             "structure",
             "distribution",
             "schedule",
+            "reinit",
             "format",
             "preset",
         }

@@ -188,11 +188,14 @@ class TestPresets:
         assert (changed.density, changed.delta_t) == (0.05, 10)
         assert attrs.evolve(changed, density=base.density, delta_t=base.delta_t) == base
 
-    def test_rigl_and_set_differ_only_in_growth(self):
-        """RigL is SET with gradient growth instead of random growth."""
+    def test_rigl_and_set_differ_only_in_growth_and_drop_schedule(self):
+        """RigL is SET with gradient growth instead of random growth, and a cosine-decayed
+        drop fraction where SET keeps its fraction constant."""
         rigl = sparsity_core.preset("rigl").to_dict()
         set_ = sparsity_core.preset("set").to_dict()
         assert (rigl.pop("grow"), set_.pop("grow")) == ({"kind": "gradient"}, {"kind": "random"})
+        assert rigl.pop("drop") == {"kind": "cosine", "alpha": 0.3}
+        assert set_.pop("drop") == {"kind": "constant", "rate": 0.3}
         assert rigl == set_
 
     def test_static_never_drops(self):

@@ -122,6 +122,10 @@ class EveryHookPlugin:
         register("acme_schedule", object)
 
     @hookimpl
+    def sparsity_register_reinits(self, register):
+        register("acme_reinit", object)
+
+    @hookimpl
     def sparsity_register_formats(self, register):
         register("acme_format", EchoFormat, summary="dense weight * mask")
 

@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import sys
+import time
 
 import attrs
 import numpy as np
@@ -19,7 +20,7 @@ from sparsity_app.bench.store import RunStore
 from sparsity_app.cli import main
 from sparsity_app.models import build_cnn1d, build_model
 from sparsity_app.train import Recipe, train_run
-from sparsity_core.errors import CheckpointError, ConfigError
+from sparsity_core.errors import CheckpointError, ConfigError, SparsityError
 
 pytest.importorskip("sklearn", reason="the tiny grid trains on scikit-learn's bundled digits")
 
@@ -140,6 +141,16 @@ class TestResume:
         calls: list[str] = []
         run_grid(specs, RunStore(path), runner=_counting(calls), stream=sys.stderr)
         assert calls == [specs[2].key]
+
+    def test_a_failing_run_stops_the_pool_and_names_the_run(self, tmp_path):
+        """With workers, the first failing run raises at once, naming it; the queued runs are
+        cancelled instead of trained for nothing (the pool used to wait for all of them)."""
+        specs = plan_runs([TINY_SETTING], ["dense", "static", "set", "rigl"], [0.9], [0, 1, 2])
+        start = time.perf_counter()
+        with pytest.raises(SparsityError, match=r"run .*/static/.* failed: ValueError: broken"):
+            run_grid(specs, RunStore(tmp_path / "r.json"), workers=2, runner=_fails_on_static)
+        assert time.perf_counter() - start < 60
+        assert len(RunStore(tmp_path / "r.json").runs) < len(specs)
 
     def test_foreign_file_is_refused(self, tmp_path):
         """A results path holding some other JSON is an error, not silently overwritten."""
@@ -299,3 +310,11 @@ class TestMnist1d:
         (cached,) = tmp_path.glob("mnist1d-n5000-seed42.npz")
         again = load_dataset("mnist1d")
         assert torch.equal(again.x_train, data.x_train) and cached.exists()
+
+
+def _fails_on_static(spec):
+    """A grid runner (module level, so worker processes can import it) that fails on static."""
+    if spec.method == "static":
+        raise ValueError("broken")
+    time.sleep(0.5)
+    return {"key": spec.key, "test_accuracy": 0.5, "setting": spec.setting}

@@ -17,7 +17,7 @@ import attrs
 import numpy as np
 import torch
 
-from sparsity_core.errors import ConfigError
+from sparsity_core.errors import ConfigError, SparsityError
 
 from ..data import load_dataset
 from ..models import build_model, param_count
@@ -34,33 +34,46 @@ __all__ = [
     "plan_runs",
     "run_grid",
     "run_one",
+    "setting_name",
 ]
 
 METHODS = (DENSE, "static", "set", "rigl", "srigl", "srigl_no_ablation", "nm_rigl")
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 
 
+def setting_name(dataset: str, model: str, variant: str = "") -> str:
+    """``dataset/model``, or ``dataset/model/variant``."""
+    return f"{dataset}/{model}/{variant}" if variant else f"{dataset}/{model}"
+
+
 @attrs.frozen
 class Setting:
-    """One (dataset, model) pair and the fixed recipe every method trains with on it."""
+    """One (dataset, model) pair and the fixed recipe every method trains with on it.
+
+    ``variant`` names a second recipe on the same pair (``mnist1d/cnn1d/adam``)."""
 
     dataset: str
     recipe: Recipe
+    variant: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}/{self.recipe.model}"
+        return setting_name(self.dataset, self.recipe.model, self.variant)
 
     def describe(self) -> str:
         r = self.recipe
         widths = "-".join(map(str, r.hidden))
         arch = f"MLP hidden {widths}" if r.model == "mlp" else f"1-D CNN channels {widths}"
-        drop = "preset (0.3)" if r.drop_fraction is None else f"{r.drop_fraction}"
+        drop = "0.3" if r.drop_fraction is None else f"{r.drop_fraction}"
+        if r.optimizer == "adam":
+            optim = f"Adam(weight decay {r.weight_decay})"
+        else:
+            optim = f"SGD(momentum {r.momentum}, weight decay {r.weight_decay})"
         return (
-            f"{self.name}: {arch}; SGD(momentum {r.momentum}, weight decay {r.weight_decay}), "
+            f"{self.name}: {arch}; {optim}, "
             f"lr {r.lr} cosine-decayed to 0, batch {r.batch_size}, {r.epochs} epochs, "
-            f"ΔT={r.delta_t}, drop fraction {drop} (cosine-decayed, updates stop at 75% of "
-            f"training), {r.distribution.upper()} layer densities"
+            f"ΔT={r.delta_t}, drop fraction {drop} (cosine-decayed; constant for SET; updates "
+            f"stop at 75% of training), {r.distribution.upper()} layer densities"
         )
 
 
@@ -82,6 +95,22 @@ SETTINGS: dict[str, Setting] = {
                 epochs=50, batch_size=64, lr=0.05, hidden=(32, 64, 64), delta_t=100, model="cnn1d"
             ),
         ),
+        # The 1-D CNN of the MNIST-1D paper (three convolutions of 25 channels) with that
+        # paper's optimiser: Adam, lr 1e-2, batch 100, 6000 steps (150 epochs of 4000).
+        Setting(
+            "mnist1d",
+            Recipe(
+                epochs=150,
+                batch_size=100,
+                lr=0.01,
+                weight_decay=0.0,
+                hidden=(25, 25, 25),
+                delta_t=100,
+                model="cnn1d",
+                optimizer="adam",
+            ),
+            variant="adam",
+        ),
         Setting(
             "mnist1d_large",
             Recipe(epochs=20, batch_size=64, lr=0.05, hidden=(256, 256), delta_t=100),
@@ -90,9 +119,14 @@ SETTINGS: dict[str, Setting] = {
 }
 
 
+# Bumped when the methods themselves change (issue 17: global budget rounding, SRigL's
+# ablation rule and initial scaling, SET's constant drop fraction), so results recorded
+# before are never mixed with new ones.
+METHODS_REVISION = 2
+
 # Recipe fields added after results were first recorded, with their defaults: left out of the
 # fingerprint at that default, so runs recorded before the field existed keep their keys.
-_ADDED_LATER = {"gamma_sal": None}
+_ADDED_LATER = {"gamma_sal": None, "optimizer": "sgd"}
 
 
 def recipe_fingerprint(recipe: Recipe) -> str:
@@ -114,16 +148,20 @@ class RunSpec:
     seed: int
     recipe: Recipe
     keep_masks: bool = attrs.field(default=False, eq=False)
+    variant: str = ""
 
     @property
     def setting(self) -> str:
-        return f"{self.dataset}/{self.recipe.model}"
+        return setting_name(self.dataset, self.recipe.model, self.variant)
 
     @property
     def key(self) -> str:
-        return (
+        key = (
             f"{self.setting}/{self.method}/s{self.sparsity:g}/seed{self.seed}/"
             f"{recipe_fingerprint(self.recipe)}"
+        )
+        return (
+            key if METHODS_REVISION == 1 or self.method == DENSE else f"{key}/r{METHODS_REVISION}"
         )
 
 
@@ -156,6 +194,7 @@ def plan_runs(
                             seed,
                             attrs.evolve(setting.recipe, sparsity=sparsity),
                             keep_masks=(seed == seeds[0] and sparsity == mask_sparsity),
+                            variant=setting.variant,
                         )
                     )
     return specs
@@ -259,9 +298,18 @@ def run_grid(
             initializer=_init_worker,
             initargs=(threads,),
         ) as pool:
-            futures = [pool.submit(runner, spec) for spec in pending]
+            futures = {pool.submit(runner, spec): spec for spec in pending}
             for future in as_completed(futures):
-                finished(future.result())
+                try:
+                    record = future.result()
+                except Exception as exc:
+                    # Stop the queued runs now instead of training them all for nothing.
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise SparsityError(
+                        f"train_bench: run {futures[future].key} failed: {type(exc).__name__}: "
+                        f"{exc} (the runs finished before it are saved in {store.path})."
+                    ) from exc
+                finished(record)
     bar.close()
     print(
         f"train_bench: trained {len(pending)} runs in {time.perf_counter() - start:.0f}s",

@@ -81,6 +81,11 @@ class MaskChange:
     dropped: torch.Tensor
     grown: torch.Tensor
     kept: torch.Tensor | None = None
+    held: int | None = None
+    """Active positions of ``new_mask`` (counted once, when it was checked)."""
+
+    def count(self) -> int:
+        return self.held if self.held is not None else count(self.new_mask)
 
 
 def _component_name(component: Any) -> str:
@@ -205,9 +210,10 @@ def compute_change(
             f"shaped like the weight."
         )
     expected = realized_budget(structure, spec, layer.budget, new_mask)
+    held = count(new_mask)
     if (
         bool((new_mask & ~(keep | candidates)).any())
-        or count(new_mask) != expected
+        or held != expected
         or expected > layer.budget
         or not structure.satisfied(new_mask, spec, layer.budget)
     ):
@@ -218,7 +224,7 @@ def compute_change(
             f"(got {count(new_mask)})."
         )
     return MaskChange(
-        new_mask=new_mask, dropped=mask & ~new_mask, grown=new_mask & ~mask, kept=keep
+        new_mask=new_mask, dropped=mask & ~new_mask, grown=new_mask & ~mask, kept=keep, held=held
     )
 
 
@@ -277,7 +283,11 @@ def resize_change(
             f"active_rows= must hold exactly the budget on those neurons)."
         )
     return MaskChange(
-        new_mask=new_mask, dropped=mask & ~new_mask, grown=new_mask & ~mask, kept=change.kept
+        new_mask=new_mask,
+        dropped=mask & ~new_mask,
+        grown=new_mask & ~mask,
+        kept=change.kept,
+        held=budget,
     )
 
 

@@ -392,8 +392,8 @@ class DSTScheduler:
             # What each layer holds now is its share until the next update.
             for fqn, change in changes.items():
                 layer = self.layers[fqn]
-                if budget_step(layer.structure, layer.spec, change.new_mask) is not None:
-                    layer.budget = count(change.new_mask)
+                if budget_step(layer.structure, layer.spec) is not None:
+                    layer.budget = change.count()
         return records
 
     def _rebalance(self, changes: dict[str, MaskChange], step: int) -> dict[str, MaskChange]:
@@ -402,22 +402,28 @@ class DSTScheduler:
         The layers that take part (a structure with a ``budget_step``) share the sum of their
         planned budgets; each may end up to two steps from its planned share (a step is one
         weight per active neuron under constant fan-in; unstructured layers take any count)."""
-        items, names, target = [], [], 0
+        taking_part, target, held_total = [], 0, 0
         for fqn, change in changes.items():
             layer = self.layers[fqn]
+            if budget_step(layer.structure, layer.spec) is not None:
+                held = change.count()
+                taking_part.append((fqn, held))
+                target += layer.planned
+                held_total += held
+        if held_total == target:  # nothing left over (always so without ablation)
+            return changes
+        items, names = [], []
+        for fqn, held in taking_part:
+            layer, change = self.layers[fqn], changes[fqn]
             unit = budget_step(layer.structure, layer.spec, change.new_mask)
             if unit is None:
                 continue
-            held = count(change.new_mask)
             free = ~layer.mask & ~change.new_mask
-            target += layer.planned
             if unit == 1:
                 items.append(Item(held, 1, ideal=layer.planned, low=1, high=held + count(free)))
             else:
                 items.append(self._anchored(layer, change, held, unit, free))
             names.append(fqn)
-        if not items or sum(item.value for item in items) == target:
-            return changes
         out = dict(changes)
         for fqn, item, budget in zip(names, items, apportion(items, target), strict=True):
             if budget != item.value:

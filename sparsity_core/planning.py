@@ -180,12 +180,15 @@ def _round_globally(
     densities: Mapping[str, float],
     out: dict[str, tuple[int, float]],
 ) -> None:
-    """Move budgets by up to two whole steps (one input per neuron under constant fan-in,
-    one weight when unstructured) so their sum meets the density over the layers that take
-    part, never above it."""
+    """Move budgets by whole steps (one input per neuron under constant fan-in, one weight
+    when unstructured) so their sum meets the density over the layers that take part, never
+    above it: each layer by up to two of its steps, or one step of the widest layer if that is
+    more (a narrow head can then make up what the wide layers' steps cannot hit)."""
+    steps = {spec.fqn: budget_step(structure, spec) for spec, structure in layers}
+    reach = max((s for s in steps.values() if s is not None), default=1)
     items, names = [], []
     for spec, structure in layers:
-        step = budget_step(structure, spec)
+        step = steps[spec.fqn]
         if step is None:
             continue
         budget = out[spec.fqn][0]
@@ -194,7 +197,8 @@ def _round_globally(
         if step == 1:
             items.append(Item(budget, 1, ideal=ideal, low=1, high=most))
         else:
-            deltas = tuple(d for d in (-2, -1, 0, 1, 2) if step <= budget + d * step <= most)
+            span = max(2, reach // step)
+            deltas = tuple(d for d in range(-span, span + 1) if step <= budget + d * step <= most)
             items.append(Item(budget, step, deltas, ideal))
         names.append(spec.fqn)
     if not items:

@@ -400,8 +400,9 @@ class DSTScheduler:
         """Move what ablation left unused to the layers that can take it (global rounding).
 
         The layers that take part (a structure with a ``budget_step``) share the sum of their
-        planned budgets; each may end up to two steps from its planned share (a step is one
-        weight per active neuron under constant fan-in; unstructured layers take any count)."""
+        planned budgets; each may end up to two of its steps, or one step of the widest layer,
+        from its planned share (a step is one weight per active neuron under constant fan-in;
+        unstructured layers take any count)."""
         taking_part, target, held_total = [], 0, 0
         for fqn, change in changes.items():
             layer = self.layers[fqn]
@@ -412,17 +413,26 @@ class DSTScheduler:
                 held_total += held
         if held_total == target:  # nothing left over (always so without ablation)
             return changes
+        units = {
+            fqn: budget_step(
+                self.layers[fqn].structure, self.layers[fqn].spec, changes[fqn].new_mask
+            )
+            for fqn, _ in taking_part
+        }
+        # Every layer may take up to one step of the widest layer (what one ablated neuron's
+        # remainder there can leave), or two of its own steps if those are wider.
+        reach = max((u for u in units.values() if u is not None), default=1)
         items, names = [], []
         for fqn, held in taking_part:
             layer, change = self.layers[fqn], changes[fqn]
-            unit = budget_step(layer.structure, layer.spec, change.new_mask)
+            unit = units[fqn]
             if unit is None:
                 continue
             free = ~layer.mask & ~change.new_mask
             if unit == 1:
                 items.append(Item(held, 1, ideal=layer.planned, low=1, high=held + count(free)))
             else:
-                items.append(self._anchored(layer, change, held, unit, free))
+                items.append(self._anchored(layer, change, held, unit, free, reach))
             names.append(fqn)
         out = dict(changes)
         for fqn, item, budget in zip(names, items, apportion(items, target), strict=True):
@@ -441,18 +451,24 @@ class DSTScheduler:
 
     @staticmethod
     def _anchored(
-        layer: LayerState, change: MaskChange, held: int, unit: int, free: torch.Tensor
+        layer: LayerState,
+        change: MaskChange,
+        held: int,
+        unit: int,
+        free: torch.Tensor,
+        reach: int,
     ) -> Item:
-        """A layer that holds ``unit`` weights per step: it may end up to two steps below or
-        above its planned share on its active neurons (``planned // unit`` steps), never
-        drifting further however many updates move it, and never growing a neuron past its
-        free inputs."""
+        """A layer that holds ``unit`` weights per step: it may end within ``max(2 * unit,
+        reach)`` weights of its planned share on its active neurons (``planned // unit``
+        steps), never drifting further however many updates move it, and never growing a
+        neuron past its free inputs."""
         rows = active_rows_of(change.new_mask)
         spare = free.reshape(layer.spec.fan_out, -1).sum(dim=1)[rows]
         most_up = int(spare.min()) if spare.numel() else 0
         share = (layer.planned // unit) * unit
         deltas = []
-        for d in (-2, -1, 0, 1, 2):
+        span = max(2, reach // unit)
+        for d in range(-span, span + 1):
             result = share + d * unit
             up = (result - held) // unit
             if unit <= result <= layer.spec.numel and up <= most_up:

@@ -111,8 +111,10 @@ class TestPlannedBudgets:
         assert held <= math.floor(target + 1e-6) or held <= held_alone
         if held_alone <= target:
             assert held >= held_alone  # never further below the target
+        widest = max(p.spec.fan_out for p in plan.layers)
         for a, b in zip(plan.layers, alone.layers, strict=True):
-            assert abs(a.budget - b.budget) <= 2 * a.spec.fan_out  # two inputs per neuron at most
+            # Two inputs per neuron at most, or one input per neuron of the widest layer.
+            assert abs(a.budget - b.budget) <= max(2 * a.spec.fan_out, widest)
 
 
 class TestApportion:
@@ -147,10 +149,14 @@ def _train(model, optimizer, scheduler, steps, seed=0):
 
 
 class TestAblationLeftoverMoves:
-    @pytest.mark.parametrize("density", [0.05, 0.1])
-    def test_the_model_holds_its_density_after_every_update(self, density):
+    @pytest.mark.parametrize("density", [0.02, 0.05, 0.1])
+    @pytest.mark.parametrize("build", [cnn, lambda: mlp([40, 256, 256, 10])], ids=["cnn", "mlp"])
+    def test_the_model_holds_its_density_after_every_update(self, density, build):
+        """Also where one ablated neuron's remainder in a wide layer (256 inputs per step) is
+        more than two steps of the head (10 per step): the head may take it (with two steps
+        at most, the MLP at 2% ended 3.3% short)."""
         torch.manual_seed(0)
-        model = cnn()
+        model = build()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         config = sparsity_core.preset(
             "srigl",

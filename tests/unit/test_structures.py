@@ -193,10 +193,13 @@ def assert_update_sequence(
         revived = active_rows_of(new) & ~before
         if bool(revived.any()) and isinstance(s, AblatedStructure):
             # Independent of the structure: a revived neuron held nothing, so its salient
-            # weights are among the layer's n_drop highest growth scores (ties counted).
-            flat = torch.nan_to_num(grow.reshape(-1).float(), nan=-math.inf)
+            # weights are among the layer's n_drop highest growth scores (ties counted;
+            # non-finite scores rank lowest, the documented policy).
+            finite = grow.float().isfinite()
+            flat = torch.where(finite, grow.float(), -math.inf).reshape(-1)
             cutoff = flat.topk(n_drop).values.min() if n_drop else math.inf
-            top = (grow.float() >= cutoff).reshape(spec.fan_out, -1).sum(dim=1)
+            ranked = torch.where(finite, grow.float(), -math.inf)
+            top = (ranked >= cutoff).reshape(spec.fan_out, -1).sum(dim=1)
             k = budget // spec.fan_out
             need = max(1, math.floor(s.ablation.gamma_sal * k + 1e-9))
             assert bool((top[revived] >= need).all()), (

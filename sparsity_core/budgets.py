@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import attrs
 
-__all__ = ["MAX_WORK", "Item", "apportion"]
+__all__ = ["MAX_WORK", "Item", "apportion", "span"]
 
 MAX_WORK = 500_000
 
@@ -35,6 +35,12 @@ class Item:
     ideal: float = 0.0
     low: int = 0
     high: int = 0
+
+
+def span(step: int, reach: int) -> int:
+    """How many of its steps a layer may move: two, or one step of the widest layer (``reach``
+    weights) when that is more, so a narrow layer can make up what wide layers cannot hit."""
+    return max(2, reach // step)
 
 
 def _free(item: Item) -> bool:

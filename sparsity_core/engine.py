@@ -8,6 +8,7 @@ plugin leaves the model and masks untouched.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -149,9 +150,15 @@ def _structure_call(structure: Any, method: str, spec: LayerSpec, step: int, *ar
 def _takes_planned(structure: Any) -> bool:
     """Whether ``structure.fill`` accepts ``planned=`` (the layer's planned budget, which a
     neuron-level structure may need besides what the layer holds now)."""
+    return _fill_takes_planned(type(structure))
+
+
+@functools.cache
+def _fill_takes_planned(cls: type) -> bool:
+    """The signature is the class's: looked up once per class, not at every update."""
     try:
-        return "planned" in inspect.signature(structure.fill).parameters
-    except (TypeError, ValueError):
+        return "planned" in inspect.signature(cls.fill).parameters
+    except (AttributeError, TypeError, ValueError):
         return False
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 from torch import nn
 
-from .budgets import Item, apportion
+from .budgets import Item, apportion, span
 from .config import DSTConfig
 from .errors import ConfigError, LayerError, UnknownComponentError
 from .layers import (
@@ -197,8 +197,8 @@ def _round_globally(
         if step == 1:
             items.append(Item(budget, 1, ideal=ideal, low=1, high=most))
         else:
-            span = max(2, reach // step)
-            deltas = tuple(d for d in range(-span, span + 1) if step <= budget + d * step <= most)
+            n = span(step, reach)
+            deltas = tuple(d for d in range(-n, n + 1) if step <= budget + d * step <= most)
             items.append(Item(budget, step, deltas, ideal))
         names.append(spec.fqn)
     if not items:

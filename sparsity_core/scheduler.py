@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .budgets import Item, apportion
+from .budgets import Item, apportion, span
 from .checkpoint import (
     SCHEMA_VERSION,
     check_config,
@@ -467,8 +467,8 @@ class DSTScheduler:
         most_up = int(spare.min()) if spare.numel() else 0
         share = (layer.planned // unit) * unit
         deltas = []
-        span = max(2, reach // unit)
-        for d in range(-span, span + 1):
+        n = span(unit, reach)
+        for d in range(-n, n + 1):
             result = share + d * unit
             up = (result - held) // unit
             if unit <= result <= layer.spec.numel and up <= most_up:

@@ -95,7 +95,7 @@ class Recipe:
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(
                 f"--gamma-sal={value} must lie in [0, 1]: neuron ablation removes a neuron with "
-                f"fewer than gamma_sal * k salient weights (SRigL uses 0.3)."
+                f"fewer than max(1, floor(gamma_sal * k)) salient weights (SRigL uses 0.3)."
             )
 
     @optimizer.validator

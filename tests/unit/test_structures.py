@@ -35,6 +35,7 @@ from sparsity_core import (
 )
 from sparsity_core.config import LayerRule
 from sparsity_core.engine import plan_initial_mask
+from sparsity_core.selection import count
 from sparsity_core.structures import active_rows_of, compose_structures
 from sparsity_core.testing import check_checkpoint_resume, check_method_run
 from sparsity_core.testing import strategies as sst
@@ -188,7 +189,7 @@ def assert_update_sequence(
     assert_structure_holds(s, spec, mask, budget)
     for prune, grow, fraction in plans:
         before = active_rows_of(mask)
-        n_drop = count_of(mask) - count_of(s.keep(prune, mask, fraction, spec))
+        n_drop = count(mask) - count(s.keep(prune, mask, fraction, spec))
         new = apply_update(s, spec, mask, budget, prune, grow, fraction)
         revived = active_rows_of(new) & ~before
         if bool(revived.any()) and isinstance(s, AblatedStructure):
@@ -208,10 +209,6 @@ def assert_update_sequence(
             )
         mask = new
     return mask
-
-
-def count_of(mask: torch.Tensor) -> int:
-    return int(mask.sum())
 
 
 def assert_constant_fan_in_budget(s: Any, spec: LayerSpec, density: float) -> int:

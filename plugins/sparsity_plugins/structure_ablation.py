@@ -182,8 +182,13 @@ class AblatedStructure:
             return bool(((k <= capacity) & (~active | (k >= kept))).all())
 
         # The rule over every neuron (a neuron ablated before comes back when it is salient
-        # again), least salient first, never below the minimum of active neurons.
-        order = torch.argsort(salient, stable=True)
+        # again), least salient first, never below the minimum of active neurons. When the
+        # minimum keeps some neurons below the threshold, they are ones active before: an
+        # ablated neuron that is not salient stays ablated (it goes first).
+        was_active = active_rows_of(previous)
+        order = torch.argsort(
+            torch.where(below & ~was_active, salient - 2**40, salient), stable=True
+        )
         n_ablate = max(min(int(below.sum()), spec.fan_out - n_min), 0)
         active_new = torch.ones(spec.fan_out, dtype=torch.bool, device=base.device)
         active_new[order[:n_ablate]] = False

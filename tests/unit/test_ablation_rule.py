@@ -110,6 +110,21 @@ class TestSalientSet:
         assert bool(active_rows_of(new)[0]), "the salient ablated neuron was not revived"
         assert bool(active_rows_of(new).all())
 
+    def test_the_minimum_of_active_neurons_keeps_those_active_before_not_revived_ones(self):
+        """Every neuron is below the threshold (3 salient weights of 4 needed) but the minimum
+        keeps 4 of 8 active: they are the 4 that were active, not 4 ablated neurons revived
+        without being salient (found by the hypothesis sequence test; the least-salient-first
+        order with ties by index revived neurons 4-7)."""
+        previous = rows_mask([8] * 4 + [0] * 4)
+        keep = previous & rows_mask([2] * 8)  # 24 dropped
+        grow = torch.zeros(SPEC.shape)
+        grow[:4, :2] = 100.0  # 8 of the 24 top scores lie on kept weights
+        grow[:4, 8] = 50.0  # each active neuron: 2 kept + 1 = 3 salient
+        grow[4:, :3] = 50.0  # each ablated neuron: 3 salient
+        s = srigl(gamma_sal=1.0, min_active_fraction=0.5)
+        new = update(s, previous, keep, grow)
+        assert active_rows_of(new).tolist() == [True] * 4 + [False] * 4
+
 
 class TestOutputLayer:
     def model(self) -> nn.Module:

@@ -6,6 +6,8 @@ Importing this package loads no plugin; the registry is built on first use.
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+from .compact import CompactLinear
+from .compacting import to_compact, to_masked
 from .config import DSTConfig, preset
 from .context import ScoreContext
 from .errors import (
@@ -49,6 +51,7 @@ __all__ = [
     "Capabilities",
     "CapabilityError",
     "CheckpointError",
+    "CompactLinear",
     "ComponentType",
     "ConfigError",
     "DSTConfig",
@@ -86,4 +89,6 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "preset",
+    "to_compact",
+    "to_masked",
 ]

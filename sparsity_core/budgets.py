@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import attrs
 
-__all__ = ["MAX_WORK", "Item", "apportion", "span"]
+__all__ = ["MAX_WORK", "Item", "apportion", "ceiling", "span"]
 
 MAX_WORK = 500_000
 
@@ -41,6 +41,14 @@ def span(step: int, reach: int) -> int:
     """How many of its steps a layer may move: two, or one step of the widest layer (``reach``
     weights) when that is more, so a narrow layer can make up what wide layers cannot hit."""
     return max(2, reach // step)
+
+
+def ceiling(planned: int, widest_step: int, reach: int) -> int:
+    """The most weights a layer may ever hold once the global apportionment moves its budget:
+    its planned share plus two of its widest steps (``widest_step``: one weight per neuron of
+    the whole layer under constant fan-in, 1 when unstructured) or one step of the model's
+    widest layer (``reach``), whichever is more. A compact layer's capacity is this."""
+    return planned + max(2 * widest_step, reach)
 
 
 def _free(item: Item) -> bool:

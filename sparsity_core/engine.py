@@ -17,10 +17,11 @@ import attrs
 import torch
 from torch import nn
 
+from .compact import is_compact
 from .context import ScoreContext
-from .errors import UpdateError
+from .errors import ConfigError, UpdateError
 from .layers import LayerSpec
-from .optim_state import reset_state_at
+from .optim_state import param_shaped_state, reset_state_at
 from .rng import make_generator
 from .selection import count
 from .structures import active_rows_of, realized_budget
@@ -32,6 +33,7 @@ __all__ = [
     "commit_change",
     "compute_change",
     "plan_initial_mask",
+    "reinit_layer",
     "resize_change",
     "zero_inactive_",
 ]
@@ -57,7 +59,18 @@ class LayerState:
             self.planned = self.budget
 
     @property
+    def compact(self) -> bool:
+        """Whether the layer is a compact layer (it trains ``values``, not a dense weight)."""
+        return is_compact(self.module)
+
+    @property
+    def param(self) -> torch.Tensor:
+        """The tensor the optimizer trains: the dense weight, or a compact layer's values."""
+        return self.module.values if self.compact else self.module.weight
+
+    @property
     def weight(self) -> torch.Tensor:
+        """The dense weight; a compact layer has none (use ``module.dense_weight()``)."""
         return self.module.weight
 
     def set_mask(self, new_mask: torch.Tensor) -> None:
@@ -171,14 +184,18 @@ def compute_change(
     step: int,
     seed: int,
     inputs: Mapping[str, Any],
+    weight: torch.Tensor | None = None,
 ) -> MaskChange:
     """Drop the lowest-priority active weights, then grow as many from the inactive ones.
 
     Args:
         inputs: optional context inputs already captured for this layer (``grad``,
             ``optimizer_state``, ``grad_momentum``, ``ever_active``), by capability.
+        weight: the layer's dense weight when the layer holds none itself (a compact layer's
+            transient ``dense_weight()``); default ``layer.weight``.
     """
-    spec, mask, weight, structure = layer.spec, layer.mask, layer.weight.detach(), layer.structure
+    spec, mask, structure = layer.spec, layer.mask, layer.structure
+    weight = (layer.weight if weight is None else weight).detach()
     device = weight.device
     prune_ctx = ScoreContext(
         spec, step, weight, mask, make_generator(seed, spec.fqn, step, "prune", device), **inputs
@@ -245,13 +262,15 @@ def resize_change(
     step: int,
     seed: int,
     inputs: Mapping[str, Any],
+    weight: torch.Tensor | None = None,
 ) -> MaskChange:
     """``change`` grown or shrunk to ``budget`` on the same active neurons (the global
     apportionment's move): more weights come from the growth scores among positions inactive
     before the update, fewer leave by the prune scores (weights grown in this update are at
     zero, so under magnitude they go first). The criteria see what :func:`compute_change`
-    gave them, so their scores are the same."""
-    spec, mask, weight, structure = layer.spec, layer.mask, layer.weight.detach(), layer.structure
+    gave them, so their scores are the same (``weight`` as in :func:`compute_change`)."""
+    spec, mask, structure = layer.spec, layer.mask, layer.structure
+    weight = (layer.weight if weight is None else weight).detach()
     device = weight.device
     current = change.new_mask
     rows = active_rows_of(current)
@@ -306,12 +325,20 @@ def commit_change(
     step: int,
     fraction: float,
 ) -> UpdateRecord:
-    """Apply a computed change in place: mask, weights, optimizer state, history."""
-    layer.set_mask(change.new_mask)
-    # Grown weights start at exactly zero; dropped ones become zero.
-    layer.weight.masked_fill_(~change.new_mask | change.grown, 0)
-    changed = change.dropped | change.grown
-    reset_state_at(optimizer, layer.weight, changed)
+    """Apply a computed change in place: mask, weights, optimizer state, history.
+
+    A compact layer moves to the new layout: surviving weights keep their values and their
+    optimizer state (every state tensor shaped like ``values``), grown ones start at zero with
+    zero state, exactly what the masked path's zeroing and reset leave."""
+    if layer.compact:
+        layer.module.relayout_(change.new_mask, param_shaped_state(optimizer, layer.param))
+        layer.set_mask(change.new_mask)
+    else:
+        layer.set_mask(change.new_mask)
+        # Grown weights start at exactly zero; dropped ones become zero.
+        layer.weight.masked_fill_(~change.new_mask | change.grown, 0)
+        changed = change.dropped | change.grown
+        reset_state_at(optimizer, layer.weight, changed)
     layer.ever_active |= change.new_mask
     return UpdateRecord(
         fqn=layer.spec.fqn,
@@ -356,3 +383,17 @@ def plan_initial_mask(
             f"{budget} active weights for layer {spec.fqn!r}."
         )
     return mask
+
+
+@torch.no_grad()
+def reinit_layer(reinit: Any, seed: int, spec: LayerSpec, weight: torch.Tensor, mask: torch.Tensor):
+    """The config's re-initialisation of one layer's dense ``weight`` under its initial mask,
+    in place (its generator is the layer's own, so the order of layers does not matter)."""
+    gen = make_generator(seed, spec.fqn, 0, "reinit", weight.device)
+    try:
+        reinit.apply_(weight, mask, spec, gen)
+    except Exception as exc:
+        raise ConfigError(
+            f"reinit {type(reinit).__name__} failed on layer {spec.fqn!r}: "
+            f"{type(exc).__name__}: {exc}."
+        ) from exc

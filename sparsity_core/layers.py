@@ -10,14 +10,17 @@ import attrs
 import torch
 from torch import nn
 
+from .compact import is_compact
 from .errors import ConfigError, LayerError
 
 __all__ = [
     "SUPPORTED_LAYER_TYPES",
     "LayerSpec",
     "SkippedLayer",
+    "layer_kind",
     "output_layer",
     "select_layers",
+    "sparse_param",
     "split_frozen",
     "unsupported_weights",
 ]
@@ -27,6 +30,25 @@ SUPPORTED_LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Conv1d": nn.Conv1d,
     "Conv2d": nn.Conv2d,
 }
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The supported layer kind ``module`` is (``"Linear"``, ...), or None: a compact layer
+    counts as the kind it stands for."""
+    if is_compact(module):
+        return module.sparse_layer_type
+    for name, cls in SUPPORTED_LAYER_TYPES.items():
+        if isinstance(module, cls):
+            return name
+    return None
+
+
+def sparse_param(module: nn.Module) -> torch.Tensor | None:
+    """The tensor a layer trains: its dense ``weight``, or a compact layer's ``values``."""
+    if is_compact(module):
+        return module.values
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
 
 
 @attrs.frozen
@@ -61,6 +83,8 @@ class LayerSpec:
 
     @classmethod
     def of(cls, fqn: str, module: nn.Module) -> LayerSpec:
+        if is_compact(module):
+            return cls(fqn, module.dense_shape, module.sparse_layer_type)
         return cls(fqn, tuple(module.weight.shape), type(module).__name__)
 
 
@@ -127,7 +151,7 @@ def split_frozen(
     """
     trainable, frozen = [], []
     for spec, module in chosen:
-        if module.weight.requires_grad:
+        if sparse_param(module).requires_grad:
             trainable.append((spec, module))
         else:
             frozen.append(
@@ -147,8 +171,7 @@ def output_layer(model: nn.Module) -> str | None:
     """The name of the model's output layer as structures see it: its last Linear or
     convolution in module order (``None`` if it has none). Neuron ablation never removes
     that layer's neurons, which are the model's outputs."""
-    classes = tuple(SUPPORTED_LAYER_TYPES.values())
-    names = [n for n, m in model.named_modules() if isinstance(m, classes)]
+    names = [n for n, m in model.named_modules() if layer_kind(m) is not None]
     return names[-1] if names else None
 
 
@@ -173,8 +196,8 @@ def select_layers(
             f"layer_types {unknown} are not supported; choose among "
             f"{sorted(SUPPORTED_LAYER_TYPES)}."
         )
-    classes = tuple(SUPPORTED_LAYER_TYPES[t] for t in layer_types)
-    candidates = [n for n, m in model.named_modules() if isinstance(m, classes)]
+    kinds = set(layer_types)
+    candidates = [n for n, m in model.named_modules() if layer_kind(m) in kinds]
     # Patterns may also name the packed projections that are reported, never sparsified.
     known = candidates + [s.fqn for s in unsupported_weights(model)]
     for pattern in exclude:
@@ -185,14 +208,14 @@ def select_layers(
             )
     chosen: list[tuple[LayerSpec, nn.Module]] = []
     for fqn, module in model.named_modules():
-        if not isinstance(module, classes):
+        if layer_kind(module) not in kinds:
             continue
         if include and not _matches(fqn, include):
             continue
         if exclude and _matches(fqn, exclude):
             continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.numel() == 0:
+        weight = sparse_param(module)
+        if weight is None or math.prod(LayerSpec.of(fqn, module).shape) == 0:
             raise LayerError(
                 f"layer {fqn!r} ({type(module).__name__}) has no parameters to sparsify "
                 f"(weight shape {None if weight is None else tuple(weight.shape)}); exclude it "
@@ -205,7 +228,7 @@ def select_layers(
                 f"the model first (model.to_empty(device='cpu') then initialise it, or "
                 f"load_state_dict(state, assign=True)), then build the optimizer and scheduler."
             )
-        owner = next((spec.fqn for spec, m in chosen if m.weight is weight), None)
+        owner = next((spec.fqn for spec, m in chosen if sparse_param(m) is weight), None)
         if owner is not None:
             raise LayerError(
                 f"layers {owner!r} and {fqn!r} share one weight tensor (tied weights), which "

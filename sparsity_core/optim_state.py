@@ -8,7 +8,12 @@ import torch
 
 from .errors import OptimizerError
 
-__all__ = ["check_optimizer_holds", "param_shaped_state", "reset_state_at"]
+__all__ = [
+    "check_movable_state",
+    "check_optimizer_holds",
+    "param_shaped_state",
+    "reset_state_at",
+]
 
 
 def param_shaped_state(
@@ -47,3 +52,21 @@ def check_optimizer_holds(
             f"layers {missing}; build the optimizer from model.parameters() of the same model "
             f"instance that you pass to DSTScheduler (and after moving it to its device)."
         )
+
+
+def check_movable_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, fqn: str) -> None:
+    """Raise :class:`OptimizerError` when the optimizer keeps per-parameter state for a compact
+    layer's ``values`` that a topology update cannot move with the weights: a tensor that is
+    neither shaped like the parameter nor a scalar (e.g. factored second moments)."""
+    for key, value in optimizer.state.get(param, {}).items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        if value.shape != param.shape:
+            raise OptimizerError(
+                f"{type(optimizer).__name__} keeps state {key!r} of shape {tuple(value.shape)} "
+                f"for compact layer {fqn!r}, whose values have shape {tuple(param.shape)}: a "
+                f"topology update moves each weight's state with it, which needs every state "
+                f"tensor shaped like the parameter (or a scalar). Use an optimizer with "
+                f"element-wise state (SGD, Adam, AdamW, RMSprop, ...), or train this layer on "
+                f"the masked path."
+            )

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 from torch import nn
 
-from .budgets import Item, apportion, span
+from .budgets import Item, apportion, ceiling, span
 from .config import DSTConfig
 from .errors import ConfigError, LayerError, UnknownComponentError
 from .layers import (
@@ -29,7 +29,7 @@ from .layers import (
 from .registry import Registry, get_registry
 from .structures import budget_step, compose_structures, fixed_density
 
-__all__ = ["LayerPlan", "Plan", "layer_shapes", "plan_layers"]
+__all__ = ["LayerPlan", "Plan", "capacities", "layer_shapes", "plan_layers"]
 
 
 @attrs.frozen(eq=False)
@@ -260,3 +260,22 @@ def plan_layers(
 def layer_shapes(plan: Plan) -> Mapping[str, tuple[int, ...]]:
     """``{fqn: weight shape}`` of the plan's sparse layers (what a checkpoint must match)."""
     return {layer.spec.fqn: layer.spec.shape for layer in plan.layers}
+
+
+def capacities(plan: Plan) -> dict[str, int]:
+    """The most weights each layer of ``plan`` can ever hold (a compact layer's capacity).
+
+    A budget is its own (per-layer rounding, or a structure without a ``budget_step``) unless
+    the global apportionment moves it; then it stays within
+    :func:`~sparsity_core.budgets.ceiling` of its planned share, and never past the layer.
+    """
+    steps = {p.spec.fqn: budget_step(p.structure, p.spec) for p in plan.layers}
+    reach = max((s for s in steps.values() if s is not None), default=1)
+    out = {}
+    for p in plan.layers:
+        step = steps[p.spec.fqn]
+        if plan.config.budget_rounding != "global" or step is None:
+            out[p.spec.fqn] = p.budget
+        else:
+            out[p.spec.fqn] = min(p.spec.numel, ceiling(p.budget, step, reach))
+    return out

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .budgets import Item, apportion, span
+from .budgets import Item, apportion, ceiling, span
 from .checkpoint import (
     SCHEMA_VERSION,
     check_config,
@@ -21,6 +21,7 @@ from .checkpoint import (
     saved_allocation,
     saved_config,
 )
+from .compact import is_compact
 from .config import DSTConfig
 from .distributed import require_process_group, unwrap_model, verify_masks_agree
 from .engine import (
@@ -29,6 +30,7 @@ from .engine import (
     commit_change,
     compute_change,
     plan_initial_mask,
+    reinit_layer,
     resize_change,
     zero_inactive_,
 )
@@ -38,17 +40,27 @@ from .errors import (
     SparsityWarning,
     UpdateError,
 )
-from .layers import SkippedLayer
-from .optim_state import check_optimizer_holds, param_shaped_state, reset_state_at
-from .planning import Plan, layer_shapes, plan_layers
+from .layers import SkippedLayer, sparse_param
+from .optim_state import (
+    check_movable_state,
+    check_optimizer_holds,
+    param_shaped_state,
+    reset_state_at,
+)
+from .planning import Plan, capacities, layer_shapes, plan_layers
 from .protocols import Capabilities, capabilities_of
 from .registry import Registry, get_registry
-from .rng import make_generator
 from .selection import count
 from .structures import active_rows_of, budget_step, describe
 from .telemetry import LayerSummary, UpdateRecord, active_neurons, itop_rate
 
 __all__ = ["SCHEMA_VERSION", "DSTScheduler"]
+
+
+def _dense(layer: LayerState) -> torch.Tensor | None:
+    """A compact layer's transient dense weight for an update (None: the layer's own)."""
+    return layer.module.dense_weight() if layer.compact else None
+
 
 # The schedulers attached to each optimizer (by weak reference both ways: an optimizer that is
 # garbage collected takes its entry with it, and the hooks alone keep a scheduler alive).
@@ -67,7 +79,7 @@ def _refuse_overlap(optimizer: Any, weights: Mapping[str, torch.Tensor]) -> None
     first one's hooks would keep zeroing weights by its own masks."""
     mine = {id(w): fqn for fqn, w in weights.items()}
     for other in _attached(optimizer):
-        shared = [fqn for fqn, layer in other.layers.items() if id(layer.weight) in mine]
+        shared = [fqn for fqn, layer in other.layers.items() if id(layer.param) in mine]
         if shared:
             raise SchedulerStateError(
                 f"{other!r} is already attached to this {type(optimizer).__name__} and "
@@ -159,18 +171,24 @@ class DSTScheduler:
         self.skipped: tuple[SkippedLayer, ...] = plan.skipped
         self.target_densities = {p.spec.fqn: p.target_density for p in plan.layers}
         self._caps = _merge(capabilities_of(self.config.prune), capabilities_of(self.config.grow))
-        weights = {p.spec.fqn: p.module.weight for p in plan.layers}
+        weights = {p.spec.fqn: sparse_param(p.module) for p in plan.layers}
         check_optimizer_holds(optimizer, list(weights.items()))
         _refuse_overlap(optimizer, weights)
+        self._check_compact(plan, optimizer)
         if resume is not None:
             check_layout(layer_shapes(plan), resume)
         self.layers: dict[str, LayerState] = {}
         for p in plan.layers:
-            device = p.module.weight.device
+            device = weights[p.spec.fqn].device
             budget = p.budget
             if resume is not None:
                 mask = resume["masks"][p.spec.fqn].to(device=device).clone()
                 budget = saved_allocation(resume, p.spec.fqn)
+            elif is_compact(p.module):
+                # A compact layer was built with its initial mask (to_compact draws it as a
+                # masked scheduler would, and re-initialises the weights).
+                mask = p.module.mask()
+                self._check_compact_start(p, mask)
             else:
                 mask = plan_initial_mask(
                     p.spec,
@@ -183,7 +201,7 @@ class DSTScheduler:
                 )
             momentum = None
             if self._caps.grad_momentum is not None:
-                momentum = torch.zeros_like(p.module.weight, memory_format=torch.contiguous_format)
+                momentum = torch.zeros(p.spec.shape, dtype=weights[p.spec.fqn].dtype, device=device)
             self.layers[p.spec.fqn] = LayerState(
                 p.spec, p.module, p.structure, mask, budget, mask.clone(), momentum, p.budget
             )
@@ -196,6 +214,8 @@ class DSTScheduler:
         if resume is not None:
             check_layers(self.layers, resume)
         self._verify_ranks(int(resume["step"]) if resume is not None else 0)
+        if resume is not None:
+            self._relayout_to_masks()
         if resume is None:
             self._reinit()
         self._apply_masks(reset_optimizer=True)
@@ -203,6 +223,7 @@ class DSTScheduler:
             optimizer.register_step_pre_hook(self._before_optimizer_step),
             optimizer.register_step_post_hook(self._after_optimizer_step),
         ]
+        self._arm_capture()
         _ATTACHED.setdefault(optimizer, []).append(weakref.ref(self))
         self._warn_skipped()
         self._warn_no_update()
@@ -211,18 +232,81 @@ class DSTScheduler:
 
     @torch.no_grad()
     def _reinit(self) -> None:
-        """The config's re-initialisation of each layer's weights under its initial mask."""
-        reinit = self.config.reinit
-        for fqn, layer in self.layers.items():
-            weight = layer.weight
-            gen = make_generator(self.config.seed, fqn, 0, "reinit", weight.device)
-            try:
-                reinit.apply_(weight.data, layer.mask, layer.spec, gen)
-            except Exception as exc:
+        """The config's re-initialisation of each layer's weights under its initial mask
+        (compact layers had theirs when :func:`~sparsity_core.to_compact` built them)."""
+        for layer in self.layers.values():
+            if not layer.compact:
+                reinit_layer(
+                    self.config.reinit, self.config.seed, layer.spec, layer.weight.data, layer.mask
+                )
+
+    def _check_compact(self, plan: Plan, optimizer: torch.optim.Optimizer) -> None:
+        """Compact layers need what their layout can give: room for every budget the plan may
+        move them to, no per-step dense gradient, optimizer state shaped like ``values``."""
+        compact = [p for p in plan.layers if is_compact(p.module)]
+        if not compact:
+            return
+        if self._caps.grad_momentum is not None:
+            raise ConfigError(
+                f"the config's criteria keep a momentum of the dense gradient at every step "
+                f"(grad_momentum={self._caps.grad_momentum}), which compact layers "
+                f"{[p.spec.fqn for p in compact]} never compute (they form the dense gradient "
+                f"on update steps only). Train them on the masked path (sparsity_core."
+                f"to_masked(model)) or choose criteria without a gradient momentum."
+            )
+        need = capacities(plan)
+        for p in compact:
+            if p.module.capacity < need[p.spec.fqn]:
                 raise ConfigError(
-                    f"reinit {type(reinit).__name__} failed on layer {fqn!r}: "
-                    f"{type(exc).__name__}: {exc}."
-                ) from exc
+                    f"compact layer {p.spec.fqn!r} has capacity {p.module.capacity}, but this "
+                    f"config may move its budget up to {need[p.spec.fqn]} weights; build the "
+                    f"compact model with sparsity_core.to_compact(model, config) for this config."
+                )
+            check_movable_state(optimizer, p.module.values, p.spec.fqn)
+
+    def _check_compact_start(self, p: Any, mask: torch.Tensor) -> None:
+        held = count(mask)
+        if held != p.budget or not p.structure.satisfied(mask, p.spec, p.budget):
+            raise ConfigError(
+                f"compact layer {p.spec.fqn!r} holds {held} weights, but this config plans "
+                f"{p.budget} under {describe(p.structure)}: it was built for another config. "
+                f"Build it with sparsity_core.to_compact(model, config) with the config you "
+                f"pass here, or resume with DSTScheduler.from_state_dict()."
+            )
+
+    @torch.no_grad()
+    def _relayout_to_masks(self) -> None:
+        """Compact layers take the layout of the loaded masks, as masked layers are zeroed
+        where the loaded masks are off (loading the model's state_dict of the same checkpoint,
+        before or after, gives the same layout)."""
+        for layer in self.layers.values():
+            if layer.compact and not torch.equal(layer.module.mask(), layer.mask):
+                layer.module.relayout_(layer.mask, param_shaped_state(self.optimizer, layer.param))
+
+    def _check_state(self, layer: LayerState) -> None:
+        """Before an update: a compact layer's layout is still the scheduler's mask, and the
+        optimizer's state for it can move with the weights."""
+        if not layer.compact:
+            return
+        if not torch.equal(layer.module.mask(), layer.mask):
+            raise SchedulerStateError(
+                f"compact layer {layer.spec.fqn!r} holds another layout than the scheduler's "
+                f"mask ({layer.module.nnz} vs {count(layer.mask)} active weights): its "
+                f"state was loaded or changed outside the scheduler (a model state_dict from "
+                f"another checkpoint?). Load the model, optimizer and scheduler states of one "
+                f"checkpoint together."
+            )
+        check_movable_state(self.optimizer, layer.param, layer.spec.fqn)
+
+    def _arm_capture(self) -> None:
+        """Compact layers form the dense gradient only for the backward passes of the step
+        whose topology update needs it."""
+        capture = self._caps.needs_grad and self.is_update_step(self._step + 1)
+        for layer in self.layers.values():
+            if layer.compact:
+                layer.module.capture_grad = capture
+                if not capture:
+                    layer.module.captured_grad = None
 
     def _warn_skipped(self) -> None:
         surprising = [s for s in self.skipped if not s.requested]
@@ -257,6 +341,12 @@ class DSTScheduler:
     @torch.no_grad()
     def _apply_masks(self, *, reset_optimizer: bool) -> None:
         for layer in self.layers.values():
+            if layer.compact:
+                layer.module.zero_padding_()
+                if reset_optimizer:
+                    for value in param_shaped_state(self.optimizer, layer.param).values():
+                        value[layer.module.nnz :] = 0
+                continue
             zero_inactive_(layer.weight, layer.mask)
             if reset_optimizer:
                 reset_state_at(self.optimizer, layer.weight, ~layer.mask)
@@ -267,6 +357,8 @@ class DSTScheduler:
         capture = self._caps.needs_grad and self.is_update_step(self._step + 1)
         beta = self._caps.grad_momentum
         for fqn, layer in self.layers.items():
+            if layer.compact:
+                continue  # no inactive slot has a gradient; the dense one is captured in backward
             grad = layer.weight.grad
             if grad is None:
                 continue
@@ -279,7 +371,10 @@ class DSTScheduler:
     @torch.no_grad()
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         for layer in self.layers.values():
-            zero_inactive_(layer.weight, layer.mask)
+            if layer.compact:
+                layer.module.zero_padding_()
+            else:
+                zero_inactive_(layer.weight, layer.mask)
         self._optimizer_stepped = True
 
     # -- public API -----------------------------------------------------------------------------
@@ -334,6 +429,7 @@ class DSTScheduler:
             self._captured_grads.clear()
         self._step = step
         self._optimizer_stepped = False
+        self._arm_capture()
         if records:
             self.history.extend(records)
             self._verify_ranks(step)
@@ -359,10 +455,16 @@ class DSTScheduler:
     def _inputs(self, fqn: str, layer: LayerState) -> dict[str, Any]:
         caps, inputs = self._caps, {}
         if caps.needs_grad:
-            grad = self._captured_grads.get(fqn)
-            inputs["grad"] = grad if grad is not None else torch.zeros_like(layer.weight)
+            grad = layer.module.captured_grad if layer.compact else self._captured_grads.get(fqn)
+            if grad is None:
+                param = layer.param
+                grad = torch.zeros(layer.spec.shape, dtype=param.dtype, device=param.device)
+            inputs["grad"] = grad
         if caps.needs_optimizer_state:
-            inputs["optimizer_state"] = param_shaped_state(self.optimizer, layer.weight)
+            state = param_shaped_state(self.optimizer, layer.param)
+            if layer.compact:  # the dense view a criterion expects (transient, per layer)
+                state = {key: layer.module.scatter(value) for key, value in state.items()}
+            inputs["optimizer_state"] = state
         if caps.grad_momentum is not None:
             inputs["grad_momentum"] = layer.grad_momentum
         if caps.needs_ever_active:
@@ -371,6 +473,8 @@ class DSTScheduler:
 
     def _update(self, step: int, fraction: float) -> list[UpdateRecord]:
         changes: dict[str, MaskChange] = {}
+        for layer in self.layers.values():
+            self._check_state(layer)
         for fqn, layer in self.layers.items():
             changes[fqn] = compute_change(
                 layer,
@@ -380,9 +484,19 @@ class DSTScheduler:
                 step=step,
                 seed=self.config.seed,
                 inputs=self._inputs(fqn, layer),
+                weight=_dense(layer),
             )
         if self.config.budget_rounding == "global":
             changes = self._rebalance(changes, step)
+        for fqn, change in changes.items():
+            layer = self.layers[fqn]
+            if layer.compact and change.count() > layer.module.capacity:
+                raise UpdateError(
+                    f"layer {fqn!r} would hold {change.count()} weights, more than its compact "
+                    f"capacity of {layer.module.capacity}; the update was not applied. (The "
+                    f"plan bounds every budget by the capacity: this is a bug, please report "
+                    f"it with the config.)"
+                )
         # Every layer computed without error: now commit (all or nothing).
         records = [
             commit_change(self.layers[fqn], change, self.optimizer, step, fraction)
@@ -430,7 +544,8 @@ class DSTScheduler:
                 continue
             free = ~layer.mask & ~change.new_mask
             if unit == 1:
-                items.append(Item(held, 1, ideal=layer.planned, low=1, high=held + count(free)))
+                most = min(held + count(free), ceiling(layer.planned, 1, reach))
+                items.append(Item(held, 1, ideal=layer.planned, low=1, high=max(held, most)))
             else:
                 items.append(self._anchored(layer, change, held, unit, free, reach))
             names.append(fqn)
@@ -446,6 +561,7 @@ class DSTScheduler:
                     step=step,
                     seed=self.config.seed,
                     inputs=self._inputs(fqn, self.layers[fqn]),
+                    weight=_dense(self.layers[fqn]),
                 )
         return out
 
@@ -601,7 +717,9 @@ class DSTScheduler:
                 layer.grad_momentum.copy_(state["grad_momentum"][fqn])
         self._step = int(state["step"])
         self.history = [UpdateRecord(**record) for record in state.get("history", [])]
+        self._relayout_to_masks()
         self._apply_masks(reset_optimizer=False)
+        self._arm_capture()
 
     def __repr__(self) -> str:
         if not hasattr(self, "layers"):

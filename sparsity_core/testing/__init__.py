@@ -16,6 +16,7 @@ The kit needs ``hypothesis`` and ``pytest`` (``pip install sparsity-core[test]``
 ``docs/testing.md`` for the list of checks.
 """
 
+from .compact_checks import check_method_compact_matches_masked
 from .criterion_checks import (
     check_criterion_capabilities_declared,
     check_criterion_degenerate_inputs,
@@ -109,6 +110,7 @@ __all__ = [
     "check_format_round_trip",
     "check_method_budget_conserved",
     "check_method_checkpoint_resume",
+    "check_method_compact_matches_masked",
     "check_method_drop_count",
     "check_method_drop_keeps_highest",
     "check_method_dropped_subset_of_active",

@@ -14,6 +14,7 @@ from ..config import DSTConfig
 from ..registry import ComponentType
 from . import _common
 from ._registered import component_kind, entry_of, non_default_fields, registry
+from .compact_checks import check_method_compact_matches_masked
 from .criterion_checks import (
     check_criterion_capabilities_declared,
     check_criterion_degenerate_inputs,
@@ -95,6 +96,7 @@ METHOD_CHECKS: tuple[Check, ...] = (
     check_method_no_updates_after_t_end,
     check_method_checkpoint_resume,
     check_method_same_seed_same_masks,
+    check_method_compact_matches_masked,
 )
 
 # The checks of each kind of component, in the order they run.

@@ -11,6 +11,7 @@ import attrs
 import torch
 
 from sparsity_core import Capabilities, DSTConfig, LayerSpec, ScoreContext
+from sparsity_core.compact import CompactLinear
 from sparsity_core.selection import topk_mask
 from sparsity_formats.condensed import Condensed, CondensedWeight
 from sparsity_formats.csr import CSR
@@ -414,3 +415,42 @@ class WrongStepFanIn(ConstantFanIn):
 
     def budget_step(self, spec, mask=None):
         return 1
+
+
+# -- compact layers -------------------------------------------------------------------------------
+
+
+class ForgetfulRelayout(CompactLinear):
+    """Moves the weights to the new layout but resets the optimizer state of survivors too."""
+
+    def relayout_(self, mask, state=None):
+        super().relayout_(mask, None)
+        for tensor in (state or {}).values():
+            tensor.zero_()
+
+
+class DroppedSlotGrad(CompactLinear):
+    """Loses the gradient of its first active weight."""
+
+    def _backward(self, x, values, grad_out, need_x, need_values):
+        grad_x, grad_values = super()._backward(x, values, grad_out, need_x, need_values)
+        if grad_values is not None and self.nnz:
+            grad_values[0] = 0
+        return grad_x, grad_values
+
+
+class StaleForward(CompactLinear):
+    """Its forward leaves out the last active weight."""
+
+    def _product(self, x, values, bias):
+        if self.nnz:
+            values = values.clone()
+            values[self.nnz - 1] = 0
+        return super()._product(x, values, bias)
+
+
+class NoCapture(CompactLinear):
+    """Never forms the dense gradient that gradient-based growth needs."""
+
+    def _capture(self, dense_grad):
+        pass

@@ -16,10 +16,12 @@ from _broken_components import (
     CountOnlyNM,
     DoubleScoresPrune,
     DriftingFill,
+    DroppedSlotGrad,
     DropsAtZero,
     DropsTwice,
     DropsTwiceNM,
     FlatScoresGrowth,
+    ForgetfulRelayout,
     GenerousBudget,
     GlobalRngGrowth,
     GlobalRngReinit,
@@ -33,6 +35,7 @@ from _broken_components import (
     LeakyDense,
     MutatingGrowth,
     NaNAtEndDrop,
+    NoCapture,
     NoisyTieBreakFill,
     NormalisedGradientGrowth,
     OneGroupOffNM,
@@ -41,6 +44,7 @@ from _broken_components import (
     PythonRandomGrowth,
     SilentCondensed,
     SkewedNM,
+    StaleForward,
     TenPercentOver,
     UncheckedNM,
     UndeclaredGradGrowth,
@@ -75,6 +79,7 @@ from sparsity_core.testing import (
     check_format_round_trip,
     check_method_budget_conserved,
     check_method_checkpoint_resume,
+    check_method_compact_matches_masked,
     check_method_drop_count,
     check_method_drop_keeps_highest,
     check_method_dropped_subset_of_active,
@@ -341,10 +346,34 @@ class TestBrokenComponentsInAMethod:
             check(method, run=RUN, max_examples=RUN_EXAMPLES)
 
 
+COMPACT_CASES = [
+    (ForgetfulRelayout, "optimizer state"),
+    (DroppedSlotGrad, "the weights differ"),
+    (StaleForward, "the weights differ"),
+    (NoCapture, "mask differs"),
+]
+
+
+class TestBrokenCompactLayer:
+    """A compact layer with a broken kernel or update fails the equivalence with the masked
+    path (the sound CompactLinear passes it)."""
+
+    @pytest.mark.parametrize(
+        ("layer_cls", "match"), COMPACT_CASES, ids=[c.__name__ for c, _ in COMPACT_CASES]
+    )
+    def test_check_method_compact_matches_masked_fails(self, layer_cls, match):
+        check_method_compact_matches_masked(METHOD, run=RUN, max_examples=RUN_EXAMPLES)
+        with pytest.raises(AssertionError, match=match):
+            check_method_compact_matches_masked(
+                METHOD, run=RUN, layer_cls=layer_cls, max_examples=RUN_EXAMPLES
+            )
+
+
 def test_every_check_is_shown_failing():
     """No check of the kit is vacuous: each one fails on some broken component or engine here."""
     shown = {case.values[0].__name__ for case in COMPONENT_CASES}
     shown |= {check.__name__ for _, check, _ in ENGINE_CASES + METHOD_CASES}
+    shown.add(check_method_compact_matches_masked.__name__)  # TestBrokenCompactLayer
     every = {check.__name__ for checks in CHECKS.values() for check in checks}
     assert every - shown == set()
 

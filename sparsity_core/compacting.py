@@ -1,0 +1,153 @@
+"""Conversions between a masked model and its compact form.
+
+:func:`to_compact` swaps the sparse ``nn.Linear`` layers that a config selects for
+:class:`~sparsity_core.compact.CompactLinear` layers holding only their active weights;
+:func:`to_masked` swaps them back for dense ``nn.Linear`` layers with zeros where inactive.
+Build the optimizer after :func:`to_compact` (it trains the new ``values`` parameters), then
+the :class:`~sparsity_core.DSTScheduler` with the same config::
+
+    model = sparsity_core.to_compact(model, config, total_steps=steps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = sparsity_core.DSTScheduler(model, optimizer, config, total_steps=steps)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .compact import CompactLinear, is_compact
+from .config import DSTConfig
+from .distributed import unwrap_model
+from .engine import plan_initial_mask, reinit_layer
+from .errors import ConfigError, LayerError
+from .planning import capacities, plan_layers
+from .registry import Registry
+
+__all__ = ["to_compact", "to_masked"]
+
+
+def _set_module(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _tied(model: nn.Module, weight: torch.Tensor) -> list[str]:
+    """Every name under which ``weight`` is a parameter of ``model`` (more than one: tied)."""
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+
+
+def _check_masks(masks: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
+    unknown = sorted(set(masks) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"to_compact(masks=...) names layers {unknown} that the config does not sparsify "
+            f"(it sparsifies {list(names)}); pass the masks of a scheduler over this config."
+        )
+
+
+@torch.no_grad()
+def to_compact(
+    model: nn.Module,
+    config: DSTConfig,
+    *,
+    total_steps: int | None = None,
+    registry: Registry | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    keep_masked: Sequence[str] = (),
+    layer_cls: type[CompactLinear] = CompactLinear,
+) -> nn.Module:
+    """Swap ``model``'s sparse Linear layers for compact ones, in place; returns ``model``.
+
+    Without ``masks`` each layer gets the initial mask and re-initialisation a
+    :class:`~sparsity_core.DSTScheduler` over ``config`` would give it (same seed, same
+    generators), so a compact run starts where the masked run starts. With ``masks`` (e.g. a
+    masked scheduler's ``masks`` or a checkpoint's ``state["masks"]``) each layer keeps its
+    current weights under that mask, for going on compact from a masked run.
+
+    Args:
+        config: the method; it selects the layers and plans each one's capacity (the most
+            weights its budget can move to).
+        total_steps: as for the scheduler.
+        masks: the masks to convert under, by layer name (all of the config's compact layers).
+        keep_masked: fnmatch patterns of sparse layers to leave on the masked path (they train
+            masked beside the compact ones, under the same scheduler).
+        layer_cls: the compact layer class (a subclass of :class:`CompactLinear` with other
+            kernels, say).
+
+    Raises:
+        LayerError: a selected layer the compact path cannot hold (a convolution: keep it
+            masked with ``keep_masked``), or a weight tied to another parameter.
+    """
+    inner = unwrap_model(model)
+    plan = plan_layers(inner, config, total_steps=total_steps, registry=registry)
+    room = capacities(plan)
+    chosen = []
+    for p in plan.layers:
+        if any(fnmatch.fnmatchcase(p.spec.fqn, pattern) for pattern in keep_masked):
+            continue
+        if is_compact(p.module):
+            continue
+        if not isinstance(p.module, nn.Linear) or type(p.module).forward is not nn.Linear.forward:
+            raise LayerError(
+                f"layer {p.spec.fqn!r} ({type(p.module).__name__}) is selected by the config, "
+                f"but compact training holds plain nn.Linear layers only (a subclass with its "
+                f"own forward would lose it); keep it on the masked path "
+                f"with to_compact(..., keep_masked=[{p.spec.fqn!r}]) (the scheduler trains "
+                f"it masked beside the compact layers), or exclude it from the config."
+            )
+        names = _tied(inner, p.module.weight)
+        if len(names) > 1:
+            raise LayerError(
+                f"layer {p.spec.fqn!r}'s weight is tied to {names[1:]} (one "
+                f"tensor under several names); a compact layer would untie them silently. "
+                f"Untie the weights, or keep the layer masked with keep_masked="
+                f"[{p.spec.fqn!r}]."
+            )
+        chosen.append(p)
+    if masks is not None:
+        _check_masks(masks, [p.spec.fqn for p in plan.layers])
+    for p in chosen:
+        weight = p.module.weight
+        if masks is None:
+            mask = plan_initial_mask(
+                p.spec,
+                p.structure,
+                p.budget,
+                config.seed,
+                weight.device,
+                criterion=plan.config.init_mask,
+                weight=weight.detach(),
+            )
+            reinit_layer(plan.config.reinit, config.seed, p.spec, weight.data, mask)
+        else:
+            if p.spec.fqn not in masks:
+                raise ConfigError(
+                    f"to_compact(masks=...) has no mask for layer {p.spec.fqn!r}; pass every "
+                    f"sparse layer's mask (or keep it masked with keep_masked=)."
+                )
+            mask = masks[p.spec.fqn].to(device=weight.device, dtype=torch.bool)
+        module = layer_cls.from_linear(
+            p.module, mask, capacity=max(room[p.spec.fqn], int(mask.sum())), fqn=p.spec.fqn
+        )
+        module.train(p.module.training)
+        _set_module(inner, p.spec.fqn, module)
+    return model
+
+
+@torch.no_grad()
+def to_masked(model: nn.Module) -> nn.Module:
+    """Swap every compact layer of ``model`` for a dense ``nn.Linear`` with zeros at inactive
+    weights, in place; returns ``model``. A masked scheduler resumes on it from the compact
+    scheduler's ``state_dict()`` (the masks are the same)."""
+    inner = unwrap_model(model)
+    for fqn, module in list(inner.named_modules()):
+        if is_compact(module):
+            linear = module.to_linear()
+            linear.train(module.training)
+            _set_module(inner, fqn, linear)
+    return model

@@ -1,0 +1,421 @@
+"""Compact layers (issue 18): the layout, its gradients, conversions and the scheduler's checks.
+
+Equivalence with the masked path over whole runs is the kit's
+``check_method_compact_matches_masked``, run over every preset by tests/conformance and shown
+failing on broken compact layers by tests/kit.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import sparsity_core as sc
+from sparsity_core import CompactLinear, DSTScheduler, to_compact, to_masked
+from sparsity_core.errors import ConfigError, LayerError, OptimizerError, SchedulerStateError
+
+SHAPES = st.tuples(st.integers(1, 7), st.integers(1, 9))
+
+
+@st.composite
+def layouts(draw, *, shapes=SHAPES):
+    """A dense float64 linear layer, a mask over it and a capacity of at least its count."""
+    out_f, in_f = draw(shapes)
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    density = draw(st.sampled_from([0.0, 0.2, 0.5, 1.0]))
+    mask = torch.rand(out_f, in_f, generator=gen) < density
+    if draw(st.booleans()) and out_f > 1:
+        mask[draw(st.integers(0, out_f - 1))] = False  # an ablated neuron
+    linear = nn.Linear(in_f, out_f, bias=draw(st.booleans())).double()
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_f, in_f, generator=gen, dtype=torch.float64))
+    extra = draw(st.integers(0, 3))
+    capacity = min(int(mask.sum()) + extra, out_f * in_f)
+    return linear, mask, capacity
+
+
+def mlp(width: int = 16, outputs: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, width),
+        nn.ReLU(),
+        nn.Linear(width, outputs),
+    )
+
+
+class TestLayout:
+    """The values+indices layout stands for exactly the masked dense weight."""
+
+    @given(layouts())
+    def test_round_trip_gives_the_masked_weight_and_the_mask(self, case):
+        """mask() and dense_weight() give back the mask and weight * mask, exactly."""
+        linear, mask, capacity = case
+        layer = CompactLinear.from_linear(linear, mask, capacity=capacity)
+        assert torch.equal(layer.mask(), mask)
+        assert torch.equal(layer.dense_weight(), linear.weight.detach() * mask)
+        assert layer.nnz == int(mask.sum())
+        assert bool((layer.values.detach()[layer.nnz :] == 0).all())
+        assert torch.equal(layer.row_lengths(), mask.sum(dim=1))
+        assert torch.equal(layer.to_linear().weight.detach(), linear.weight.detach() * mask)
+
+    @given(layouts(), st.integers(0, 2**16))
+    def test_relayout_moves_survivors_and_zeroes_grown_weights_and_their_state(self, case, seed):
+        """After relayout_, weights active before and after keep their value and state;
+        every other slot (grown, padding) is zero."""
+        linear, mask, capacity = case
+        layer = CompactLinear.from_linear(linear, mask, capacity=capacity)
+        gen = torch.Generator().manual_seed(seed)
+        new = torch.rand(mask.shape, generator=gen) < 0.5
+        flat = new.flatten().nonzero().squeeze(1)
+        if flat.numel() > capacity:  # keep the new layout within capacity
+            new = torch.zeros_like(new)
+            new.view(-1)[flat[:capacity]] = True
+        state = {"m": torch.randn(capacity, generator=gen, dtype=torch.float64)}
+        state["m"][layer.nnz :] = 0
+        before_w, before_m = layer.dense_weight(), layer.scatter(state["m"])
+        layer.relayout_(new, state)
+        assert torch.equal(layer.mask(), new)
+        both = mask & new
+        assert torch.equal(layer.dense_weight(), before_w * both)
+        assert torch.equal(layer.scatter(state["m"]), before_m * both)
+        assert bool((state["m"][layer.nnz :] == 0).all())
+        assert bool((layer.values.detach()[layer.nnz :] == 0).all())
+
+    def test_a_mask_over_capacity_is_refused_naming_the_layer(self):
+        layer = CompactLinear(4, 3, 2, fqn="fc")
+        with pytest.raises(LayerError, match=r"'fc'.*9 active weights.*capacity of 2"):
+            layer.set_layout(torch.ones(3, 4, dtype=torch.bool).triu())
+
+    @pytest.mark.parametrize(
+        ("mask", "match"),
+        [(torch.ones(3, 4), "boolean mask"), (torch.ones(4, 3, dtype=torch.bool), "shape")],
+    )
+    def test_a_bad_mask_is_refused(self, mask, match):
+        with pytest.raises(LayerError, match=match):
+            CompactLinear(4, 3, 12, fqn="fc").set_layout(mask)
+
+    def test_load_state_dict_restores_the_layout(self):
+        """A fresh layer loading a state_dict holds the saved layout (nnz included)."""
+        mask = torch.tensor([[True, False, True], [False, False, False]])
+        layer = CompactLinear.from_linear(nn.Linear(3, 2), mask, capacity=4)
+        fresh = CompactLinear(3, 2, 4)
+        fresh.load_state_dict(layer.state_dict())
+        assert fresh.nnz == 2 and torch.equal(fresh.mask(), mask)
+        assert torch.equal(fresh.dense_weight(), layer.dense_weight())
+
+    def test_narrow_indices(self):
+        assert CompactLinear(300, 2, 4).cols.dtype == torch.int16
+        assert CompactLinear(2**15 + 1, 1, 4).cols.dtype == torch.int32
+
+
+def _gradcheck(layer: CompactLinear, x: torch.Tensor) -> bool:
+    names = ["values"] + (["bias"] if layer.bias is not None else [])
+
+    def f(inputs, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (inputs,))
+
+    params = [getattr(layer, n).detach().clone().requires_grad_() for n in names]
+    return torch.autograd.gradcheck(f, (x, *params))
+
+
+class TestGradients:
+    """The backward of a compact layer, w.r.t. the input, the values and the bias."""
+
+    @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+    @pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)], ids=["batch-1", "batch-5", "3-d input"])
+    @pytest.mark.parametrize("kind", ["random", "ablated-rows", "empty", "full"])
+    def test_gradcheck_float64(self, bias, lead, kind):
+        torch.manual_seed(1)
+        linear = nn.Linear(6, 5, bias=bias).double()
+        mask = torch.rand(5, 6) < 0.5
+        if kind == "ablated-rows":
+            mask[[0, 3]] = False
+        elif kind == "empty":
+            mask[:] = False
+        elif kind == "full":
+            mask[:] = True
+        layer = CompactLinear.from_linear(linear, mask, capacity=min(int(mask.sum()) + 2, 30))
+        x = torch.randn(*lead, 6, dtype=torch.float64, requires_grad=True)
+        assert _gradcheck(layer, x)
+
+    def test_padding_slots_get_zero_gradient(self):
+        layer = CompactLinear.from_linear(
+            nn.Linear(4, 3).double(), torch.eye(3, 4, dtype=torch.bool), capacity=6
+        )
+        layer(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+        assert bool((layer.values.grad[3:] == 0).all()) and bool((layer.values.grad[:3] != 0).all())
+
+    def test_captured_gradient_is_the_dense_weight_gradient_summed_over_backward_passes(self):
+        """While armed, the layer forms the masked dense layer's full weight gradient (inactive
+        positions included), summed over micro-batches until zero_grad() resets it."""
+        torch.manual_seed(2)
+        linear = nn.Linear(5, 4).double()
+        mask = torch.rand(4, 5) < 0.4
+        layer = CompactLinear.from_linear(linear, mask)
+        ref = nn.Linear(5, 4).double()
+        with torch.no_grad():
+            ref.weight.copy_(linear.weight * mask)
+            ref.bias.copy_(linear.bias)
+        layer.capture_grad = True
+        xs = [torch.randn(3, 5, dtype=torch.float64) for _ in range(2)]
+        for x in xs:
+            layer(x).square().sum().backward()
+            ref(x).square().sum().backward()
+        assert torch.allclose(layer.captured_grad, ref.weight.grad)
+        layer.values.grad = None  # zero_grad(set_to_none=True)
+        layer(xs[0]).sum().backward()
+        ref.weight.grad = None
+        ref(xs[0]).sum().backward()
+        assert torch.allclose(layer.captured_grad, ref.weight.grad)
+
+    def test_no_dense_gradient_is_formed_unless_armed(self):
+        layer = CompactLinear.from_linear(nn.Linear(3, 2), torch.ones(2, 3, dtype=torch.bool))
+        layer(torch.randn(4, 3)).sum().backward()
+        assert layer.captured_grad is None
+
+    def test_double_backward_is_refused_naming_the_layer(self):
+        layer = CompactLinear.from_linear(
+            nn.Linear(3, 2), torch.ones(2, 3, dtype=torch.bool), fqn="head"
+        )
+        x = torch.randn(4, 3, requires_grad=True)
+        with pytest.raises(LayerError, match=r"'head'.*second derivative"):
+            torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+def _train(model, optimizer, scheduler, steps, *, micro=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    masks = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        for _ in range(micro):
+            x = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+            y = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+            nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        if scheduler.step():
+            masks.append({k: v.clone() for k, v in scheduler.masks.items()})
+    return masks
+
+
+def _weights(model):
+    return {
+        n: (m.dense_weight() if isinstance(m, CompactLinear) else m.weight.detach())
+        for n, m in model.named_modules()
+        if isinstance(m, CompactLinear | nn.Linear)
+    }
+
+
+def _pair(method="rigl", **over):
+    config = sc.preset(method, density=0.25, delta_t=5, **over)
+    masked = mlp().double()
+    compact = to_compact(mlp().double(), config, total_steps=60)
+    out = []
+    for model in (masked, compact):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        out.append((model, opt, DSTScheduler(model, opt, config, total_steps=60)))
+    return config, out
+
+
+class TestTraining:
+    """Compact runs against the masked run of the same seed."""
+
+    def test_gradient_accumulation_gives_the_masked_runs_masks_and_weights(self):
+        """Three backward passes per step: growth sees their summed dense gradient."""
+        _, runs = _pair("rigl")
+        masked, compact = (_train(*run, 40, micro=3) for run in runs)
+        assert len(masked) == len(compact) > 3
+        for a, b in zip(masked, compact, strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        theirs = _weights(runs[1][0])
+        for fqn, w in _weights(runs[0][0]).items():
+            assert torch.allclose(w, theirs[fqn], atol=1e-10)
+
+    def test_the_optimizer_holds_only_active_weights(self):
+        _, runs = _pair("srigl")
+        model, opt, scheduler = runs[1]
+        _train(model, opt, scheduler, 12)
+        held = sum(p.numel() for g in opt.param_groups for p in g["params"])
+        dense = sum(p.numel() for p in mlp().parameters())
+        assert held < 0.45 * dense
+        for layer in scheduler.layers.values():
+            state = opt.state[layer.param]
+            assert state["exp_avg"].shape == layer.module.values.shape
+
+    def test_a_compact_checkpoint_resumes_bit_identically(self):
+        """Save at step 20 through torch.save / weights_only load, resume into fresh objects:
+        step 40 is bit-identical to the uninterrupted run."""
+
+        def steps(model, opt, scheduler, gen, n):
+            for _ in range(n):
+                x = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+                y = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+                scheduler.step()
+
+        config, runs = _pair("srigl")
+        straight = runs[1]
+        steps(*straight, torch.Generator().manual_seed(3), 40)
+        config, runs = _pair("srigl")
+        model, opt, scheduler = runs[1]
+        gen = torch.Generator().manual_seed(3)
+        steps(model, opt, scheduler, gen, 20)
+        buffer = io.BytesIO()
+        torch.save(
+            {"model": model.state_dict(), "opt": opt.state_dict(), "s": scheduler.state_dict()},
+            buffer,
+        )
+        buffer.seek(0)
+        state = torch.load(buffer, weights_only=True)
+        model2 = to_compact(mlp().double(), config, total_steps=60)
+        opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+        scheduler2 = DSTScheduler.from_state_dict(model2, opt2, state["s"])
+        model2.load_state_dict(state["model"])
+        opt2.load_state_dict(state["opt"])
+        steps(model2, opt2, scheduler2, gen, 20)
+        theirs = model2.state_dict()
+        for name, tensor in straight[0].state_dict().items():
+            assert torch.equal(tensor, theirs[name]), name
+        assert scheduler2.history == straight[2].history
+        assert len(scheduler2.history) > 0
+
+    def test_a_masked_run_goes_on_compact_from_its_masks(self):
+        """Convert mid-run (masks from the masked scheduler, fresh optimizer state on both):
+        the compact run goes on with the same masks and weights as the masked one."""
+        config = sc.preset("set", density=0.25, delta_t=5)
+        model = mlp().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scheduler = DSTScheduler(model, opt, config, total_steps=60)
+        _train(model, opt, scheduler, 12)
+        state = scheduler.state_dict()
+        twin = mlp().double()
+        twin.load_state_dict(model.state_dict())
+        to_compact(twin, config, total_steps=60, masks=state["masks"])
+        opt_b = torch.optim.SGD(twin.parameters(), lr=0.05)
+        compact = DSTScheduler.from_state_dict(twin, opt_b, state)
+        opt_a = torch.optim.SGD(model.parameters(), lr=0.05)
+        masked = DSTScheduler.from_state_dict(model, opt_a, state)
+        scheduler.remove()
+        a = _train(model, opt_a, masked, 20, seed=5)
+        b = _train(twin, opt_b, compact, 20, seed=5)
+        assert len(a) > 2
+        assert all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
+        for fqn, w in _weights(model).items():
+            assert torch.allclose(w, _weights(twin)[fqn], atol=1e-12)
+
+    def test_to_masked_gives_back_dense_linear_layers_a_masked_scheduler_resumes_on(self):
+        _, runs = _pair("rigl")
+        model, opt, scheduler = runs[1]
+        _train(model, opt, scheduler, 12)
+        weights = _weights(model)
+        state = scheduler.state_dict()
+        to_masked(model)
+        assert not any(isinstance(m, CompactLinear) for m in model.modules())
+        opt2 = torch.optim.Adam(model.parameters(), lr=1e-2)
+        resumed = DSTScheduler.from_state_dict(model, opt2, state)
+        for fqn, w in weights.items():
+            assert torch.equal(model.get_submodule(fqn).weight.detach(), w)
+            assert torch.equal(resumed.masks[fqn], state["masks"][fqn])
+
+
+class ConvHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(-1))
+
+
+class TestBadInput:
+    """What compact training cannot hold fails before training, naming the layer and the fix."""
+
+    def test_a_convolution_is_refused_with_the_keep_masked_fix(self):
+        config = sc.preset("rigl", density=0.5)
+        with pytest.raises(LayerError, match=r"'conv'.*Linear layers only.*keep_masked"):
+            to_compact(ConvHead(), config, total_steps=100)
+
+    def test_keep_masked_trains_the_convolution_masked_beside_compact_layers(self):
+        config = sc.preset("rigl", density=0.5, delta_t=2)
+        model = to_compact(ConvHead(), config, total_steps=20, keep_masked=["conv"])
+        assert isinstance(model.fc, CompactLinear) and isinstance(model.conv, nn.Conv1d)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = DSTScheduler(model, opt, config, total_steps=20)
+        for _ in range(6):
+            opt.zero_grad()
+            model(torch.randn(4, 2, 7)).sum().backward()
+            opt.step()
+            scheduler.step()
+        assert all(s.satisfied for s in scheduler.summary())
+        assert torch.equal(model.fc.mask(), scheduler.masks["fc"])
+
+    def test_tied_weights_are_refused(self):
+        model = mlp()
+        model.extra = nn.Linear(16, 16)
+        model.extra.weight = model[0].weight
+        with pytest.raises(LayerError, match="tied"):
+            to_compact(model, sc.preset("rigl", density=0.5, exclude=["extra"]), total_steps=10)
+
+    def test_a_linear_subclass_with_its_own_forward_is_refused(self):
+        class Scaled(nn.Linear):
+            def forward(self, x):
+                return 2 * super().forward(x)
+
+        model = nn.Sequential(Scaled(4, 4), nn.Linear(4, 2))
+        with pytest.raises(LayerError, match="own forward"):
+            to_compact(model, sc.preset("rigl", density=0.5), total_steps=10)
+
+    def test_a_compact_model_built_for_another_config_is_refused(self):
+        model = to_compact(mlp(), sc.preset("rigl", density=0.5), total_steps=50)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(ConfigError, match="built for another config"):
+            DSTScheduler(model, opt, sc.preset("rigl", density=0.25), total_steps=50)
+
+    def test_too_small_a_capacity_is_refused(self):
+        config = sc.preset("srigl", density=0.25)
+        model = to_compact(mlp(), config, total_steps=50)
+        small = CompactLinear(16, 16, model[2].nnz, fqn="2")
+        small.set_layout(model[2].mask(), model[2].dense_weight())
+        model[2] = small
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(ConfigError, match=r"'2' has capacity \d+.*up to \d+"):
+            DSTScheduler(model, opt, config, total_steps=50)
+
+    def test_a_per_step_gradient_momentum_is_refused(self):
+        """Sparse momentum's growth needs the dense gradient at every step."""
+        config = sc.preset("rigl", density=0.25, grow="momentum")
+        model = to_compact(mlp(), config, total_steps=50)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(ConfigError, match="momentum of the dense gradient"):
+            DSTScheduler(model, opt, config, total_steps=50)
+
+    def test_optimizer_state_not_shaped_like_the_values_is_refused(self):
+        config = sc.preset("rigl", density=0.25, delta_t=2)
+        model = to_compact(mlp(), config, total_steps=20)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt.state[model[0].values]["factored"] = torch.zeros(16)
+        with pytest.raises(OptimizerError, match=r"'factored' of shape \(16,\).*compact layer '0'"):
+            DSTScheduler(model, opt, config, total_steps=20)
+
+    def test_a_layout_changed_outside_the_scheduler_is_caught_at_the_update(self):
+        config = sc.preset("rigl", density=0.25, delta_t=2)
+        model = to_compact(mlp(), config, total_steps=20)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = DSTScheduler(model, opt, config, total_steps=20)
+        model[0].set_layout(torch.roll(model[0].mask(), 1, dims=1))
+        with pytest.raises(SchedulerStateError, match=r"'0' holds another layout"):
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(2, 16)).sum().backward()
+                opt.step()
+                scheduler.step()

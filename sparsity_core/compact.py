@@ -3,19 +3,23 @@
 :class:`CompactLinear` stands for an ``nn.Linear`` of shape ``[out_features, in_features]``
 whose active weights live in one flat parameter ``values`` of fixed length ``capacity``, in
 row-major (CSR) order: ``row_ptr[r]:row_ptr[r + 1]`` are the slots of output neuron ``r``,
-``cols`` their input columns, ascending within a row. Slots past ``nnz`` are padding: value 0,
-gradient 0, never active. The parameter's shape never changes, so any ``torch.optim``
-optimizer holds it and its state is shaped like it; a topology update moves the values (and
-every optimizer state tensor shaped like them) to their new slots with
+``index`` their input columns (narrow integers), ascending within a row. Slots past ``nnz``
+are padding: value 0, gradient 0, never active. The parameter's shape never changes, so any
+``torch.optim`` optimizer holds it and its state is shaped like it; a topology update moves
+the values (and every optimizer state tensor shaped like them) to their new slots with
 :meth:`CompactLinear.relayout_`. A constant fan-in layer is the same layout with ``k`` slots per
 active row (``values[:nnz].view(active_rows, k)`` is the condensed layout, no repacking).
 
 The mask stays the meaning of "active": :meth:`CompactLinear.mask` gives the dense boolean
 mask of the layout, and :meth:`CompactLinear.set_layout` takes one.
 
-Products: a pure-PyTorch path that scatters the values into a transient dense weight (one per
-call and layer, freed after it) and multiplies densely, which gives results bit-identical to
-the masked dense layer. The dense gradient w.r.t. the whole weight, which gradient-based
+Products: on the CPU, in float32 and float64, the compiled kernels of
+:func:`sparsity_core.native.compact_kernels` (sparse products over the stored weights only, the
+widest vector instructions the CPU has); elsewhere, when they cannot be built, with
+``SPARSITY_CORE_NATIVE=0`` or ``layer.native = False``, a pure-PyTorch path that scatters the
+values into a transient dense weight (one per call and layer, freed after it) and multiplies
+densely, which gives results bit-identical to the masked dense layer. Both agree within float
+tolerance. The dense gradient w.r.t. the whole weight, which gradient-based
 growth needs, is computed only while :attr:`CompactLinear.capture_grad` is set (the scheduler
 arms it for the backward passes of an update step) and summed into
 :attr:`CompactLinear.captured_grad`.
@@ -31,8 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LayerError
+from .native import compact_kernels
 
 __all__ = ["CompactLinear", "index_dtype", "is_compact"]
+
+# The dtypes the compiled kernels take (others go through the PyTorch path).
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_EMPTY = torch.empty(0)
 
 
 def index_dtype(in_features: int) -> torch.dtype:
@@ -121,13 +130,19 @@ class CompactLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.values = nn.Parameter(torch.zeros(capacity, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        # The column indices are kept as their bytes (uint8): torch.distributed broadcasts no
+        # int16 tensor (DDP syncs every buffer at construction), and a byte view costs nothing.
+        self._index_dtype = index_dtype(in_features)
+        width = torch.empty((), dtype=self._index_dtype).element_size()
         self.register_buffer(
-            "cols", torch.zeros(capacity, dtype=index_dtype(in_features), device=device)
+            "cols", torch.zeros(capacity * width, dtype=torch.uint8, device=device)
         )
         self.register_buffer(
             "row_ptr", torch.zeros(out_features + 1, dtype=torch.int64, device=device)
         )
         self._nnz = 0
+        self.native = True
+        """Use the compiled kernels where they apply (False: always the PyTorch path)."""
         self.capture_grad = False
         """While set, every backward pass adds the dense weight gradient to ``captured_grad``."""
         self.captured_grad: torch.Tensor | None = None
@@ -139,6 +154,12 @@ class CompactLinear(nn.Module):
     def dense_shape(self) -> tuple[int, int]:
         """The shape of the dense weight this layer stands for."""
         return (self.out_features, self.in_features)
+
+    @property
+    def index(self) -> torch.Tensor:
+        """Each slot's input column (int16 when ``in_features <= 32768``, else int32): a view
+        of the ``cols`` buffer, which holds their bytes."""
+        return self.cols.view(self._index_dtype)
 
     @property
     def nnz(self) -> int:
@@ -160,7 +181,7 @@ class CompactLinear(nn.Module):
 
     def flat_index(self) -> torch.Tensor:
         """The position of each used slot in the flattened dense weight (int64, ascending)."""
-        return self.rows() * self.in_features + self.cols[: self.nnz].long()
+        return self.rows() * self.in_features + self.index[: self.nnz].long()
 
     def mask(self) -> torch.Tensor:
         """The dense boolean mask of the layout (a new tensor)."""
@@ -211,8 +232,9 @@ class CompactLinear(nn.Module):
     def _write_index(self, flat: torch.Tensor) -> None:
         rows = torch.div(flat, self.in_features, rounding_mode="floor")
         cols = flat - rows * self.in_features
-        self.cols.zero_()
-        self.cols[: flat.numel()] = cols.to(self.cols.dtype)
+        index = self.index
+        index.zero_()
+        index[: flat.numel()] = cols.to(index.dtype)
         counts = torch.bincount(rows, minlength=self.out_features)
         self.row_ptr.zero_()
         torch.cumsum(counts, 0, out=self.row_ptr[1:])
@@ -270,8 +292,28 @@ class CompactLinear(nn.Module):
         dense[self.flat_index()] = values[: self.nnz]
         return dense.view(self.dense_shape)
 
+    def _kernels(self, x: torch.Tensor, values: torch.Tensor) -> Any | None:
+        """The compiled kernels when they apply to these tensors, else None."""
+        if not self.native or x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
+            return None
+        if values.dtype != x.dtype or type(x) is not torch.Tensor:
+            return None
+        return compact_kernels()
+
     def _product(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None):
-        return F.linear(x, self._weight_from(values), bias)
+        kernels = self._kernels(x, values)
+        if kernels is None:
+            return F.linear(x, self._weight_from(values), bias)
+        b = _EMPTY if bias is None else bias.detach().contiguous()
+        yt = kernels.forward_t(
+            x.detach().t().contiguous(),
+            values.detach(),
+            self.index,
+            self.row_ptr,
+            b.to(x.dtype),
+            self.out_features,
+        )
+        return yt.t()
 
     def _backward(
         self,
@@ -281,8 +323,23 @@ class CompactLinear(nn.Module):
         need_x: bool,
         need_values: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        grad_x = grad_out @ self._weight_from(values) if need_x else None
-        grad_values = None
+        grad_x = grad_values = None
+        kernels = self._kernels(x, values)
+        if kernels is not None:  # sparse products over the stored weights only
+            gyt = grad_out.t().contiguous()
+            xt = x.detach().t().contiguous()
+            values = values.detach()
+            if need_x:
+                grad_x = kernels.grad_input_t(
+                    gyt, values, self.index, self.row_ptr, self.in_features
+                ).t()
+            if need_values:
+                grad_values = kernels.grad_values_t(gyt, xt, self.index, self.row_ptr, values)
+            if self.capture_grad:
+                self._capture(gyt @ xt.t())
+            return grad_x, grad_values
+        if need_x:
+            grad_x = grad_out @ self._weight_from(values)
         if need_values or self.capture_grad:
             dense_grad = grad_out.t() @ x
             if self.capture_grad:

@@ -18,7 +18,14 @@ from torch import nn
 
 from .errors import ConfigError, DistributedError
 
-__all__ = ["mask_digest", "require_process_group", "unwrap_model", "verify_masks_agree"]
+__all__ = [
+    "average_across",
+    "data_parallel_group",
+    "mask_digest",
+    "require_process_group",
+    "unwrap_model",
+    "verify_masks_agree",
+]
 
 # Wrappers whose ``.module`` is the user's model; unwrapping them keeps layer names (and so the
 # per-layer generators and checkpoints) the same as in a single-process run.
@@ -26,6 +33,24 @@ _WRAPPERS: tuple[type[nn.Module], ...] = (
     nn.DataParallel,
     nn.parallel.DistributedDataParallel,
 )
+
+
+def data_parallel_group(model: nn.Module) -> Any:
+    """The process group a ``DistributedDataParallel`` wrapper averages gradients over, or
+    None (no wrapper: gradients are the process's own)."""
+    while isinstance(model, _WRAPPERS):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return model.process_group
+        model = model.module
+    return None
+
+
+def average_across(tensors: list[torch.Tensor], group: Any) -> None:
+    """Average ``tensors`` in place over the ranks of ``group``, as DDP averages gradients."""
+    world = dist.get_world_size(group)
+    for tensor in tensors:
+        dist.all_reduce(tensor, group=group)
+        tensor.div_(world)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -23,7 +23,13 @@ from .checkpoint import (
 )
 from .compact import is_compact
 from .config import DSTConfig
-from .distributed import require_process_group, unwrap_model, verify_masks_agree
+from .distributed import (
+    average_across,
+    data_parallel_group,
+    require_process_group,
+    unwrap_model,
+    verify_masks_agree,
+)
 from .engine import (
     LayerState,
     MaskChange,
@@ -143,6 +149,7 @@ class DSTScheduler:
         process_group: Any = None,
     ) -> None:
         plan = plan_layers(unwrap_model(model), config, total_steps=total_steps, registry=registry)
+        self._grad_group = data_parallel_group(model)
         self._attach(plan, optimizer, registry, verify_ranks, process_group, resume=None)
 
     def _attach(
@@ -273,6 +280,20 @@ class DSTScheduler:
                 f"Build it with sparsity_core.to_compact(model, config) with the config you "
                 f"pass here, or resume with DSTScheduler.from_state_dict()."
             )
+
+    @torch.no_grad()
+    def _average_captured(self) -> None:
+        """Under DDP, the dense gradients compact layers formed are each rank's own: average
+        them over the ranks, as DDP averaged the dense weight's gradient on the masked path."""
+        if self._grad_group is None:
+            return
+        captured = [
+            layer.module.captured_grad
+            for layer in self.layers.values()
+            if layer.compact and layer.module.captured_grad is not None
+        ]
+        if captured:
+            average_across(captured, self._grad_group)
 
     @torch.no_grad()
     def _relayout_to_masks(self) -> None:
@@ -475,6 +496,7 @@ class DSTScheduler:
         changes: dict[str, MaskChange] = {}
         for layer in self.layers.values():
             self._check_state(layer)
+        self._average_captured()
         for fqn, layer in self.layers.items():
             changes[fqn] = compute_change(
                 layer,
@@ -694,6 +716,7 @@ class DSTScheduler:
         total_steps = state.get("total_steps")
         plan = plan_layers(unwrap_model(model), config, total_steps=total_steps, registry=registry)
         scheduler = cls.__new__(cls)
+        scheduler._grad_group = data_parallel_group(model)
         scheduler._attach(plan, optimizer, registry, verify_ranks, process_group, resume=state)
         try:
             scheduler.load_state_dict(state)

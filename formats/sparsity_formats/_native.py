@@ -19,11 +19,9 @@ fall back to their pure-PyTorch kernels, which give the same results, and one
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import platform
-import shutil
 import threading
 import time
 import warnings
@@ -31,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparsity_core.native import ninja_on_path
 
 __all__ = ["NativeKernelWarning", "condensed_linear", "native_status"]
 
@@ -59,33 +59,6 @@ def _disabled() -> bool:
     return os.environ.get(_DISABLE_ENV, "1").strip().lower() in ("0", "off", "false", "no")
 
 
-@contextlib.contextmanager
-def _ninja_on_path():
-    """Make the ``ninja`` of the PyPI package (a dependency) visible to torch's build when no
-    ``ninja`` is on ``PATH`` (a venv used without activating it, or a machine without a system
-    ninja); ``PATH`` is restored afterwards."""
-    if shutil.which("ninja") is not None:
-        yield
-        return
-    try:
-        import ninja
-
-        extra = ninja.BIN_DIR
-    except (ImportError, AttributeError):
-        extra = None
-    saved = os.environ.get("PATH")
-    if extra:
-        os.environ["PATH"] = extra + os.pathsep + (saved or "")
-    try:
-        yield
-    finally:
-        if extra:
-            if saved is None:
-                os.environ.pop("PATH", None)
-            else:
-                os.environ["PATH"] = saved
-
-
 def _build() -> None:
     from torch.utils.cpp_extension import load
 
@@ -93,7 +66,7 @@ def _build() -> None:
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
     name = f"sparsity_formats_{capability}_{digest}"
     start = time.perf_counter()
-    with _ninja_on_path():
+    with ninja_on_path():
         module = load(
             name=name,
             sources=[str(_SOURCE)],

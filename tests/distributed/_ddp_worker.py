@@ -31,7 +31,15 @@ DELTA_T = 3  # updates at steps 3, 6, 9 and 12
 FEATURES, CLASSES = 12, 4
 
 # (case name, preset, micro-batches per optimizer step)
-CASES = [("rigl", "rigl", 1), ("set", "set", 1), ("srigl", "srigl", 1), ("rigl-accum2", "rigl", 2)]
+# "+compact": the Linear layers are compact (sparsity_core.to_compact) before DDP wraps them.
+CASES = [
+    ("rigl", "rigl", 1),
+    ("set", "set", 1),
+    ("srigl", "srigl", 1),
+    ("rigl-accum2", "rigl", 2),
+    ("rigl-compact", "rigl+compact", 1),
+    ("srigl-compact-accum2", "srigl+compact", 2),
+]
 
 
 def build_model() -> nn.Sequential:
@@ -59,13 +67,17 @@ def train(
     With ``micro > 1`` each rank splits its slice into micro-batches and accumulates gradients,
     all-reducing only on the last backward (``no_sync``), the usual DDP accumulation pattern.
     """
+    method, _, mode = method.partition("+")
+    config = config if config is not None else method_config(method)
     model = build_model()
+    if mode == "compact":
+        sc.to_compact(model, config, total_steps=STEPS)
     wrapped: nn.Module = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = sc.DSTScheduler(
         wrapped,
         optimizer,
-        config if config is not None else method_config(method),
+        config,
         total_steps=STEPS,
         verify_ranks=world > 1,
     )

@@ -112,8 +112,9 @@ class TestLayout:
         assert torch.equal(fresh.dense_weight(), layer.dense_weight())
 
     def test_narrow_indices(self):
-        assert CompactLinear(300, 2, 4).cols.dtype == torch.int16
-        assert CompactLinear(2**15 + 1, 1, 4).cols.dtype == torch.int32
+        assert CompactLinear(300, 2, 4).index.dtype == torch.int16
+        assert CompactLinear(2**15 + 1, 1, 4).index.dtype == torch.int32
+        assert CompactLinear(300, 2, 4).cols.numel() == 8  # their bytes
 
 
 def _gradcheck(layer: CompactLinear, x: torch.Tensor) -> bool:

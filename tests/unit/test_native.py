@@ -223,9 +223,11 @@ def test_traced_and_vmapped_calls_take_the_pytorch_path():
 def test_ninja_from_the_package_when_none_is_on_path(monkeypatch):
     """Without a ninja on PATH, the build sees the one of the ``ninja`` package (a dependency)
     for its duration only."""
+    import sparsity_core.native as core_native
+
     ninja = pytest.importorskip("ninja")
-    monkeypatch.setattr(_native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(core_native.shutil, "which", lambda name: None)
     monkeypatch.setenv("PATH", "/nowhere")
-    with _native._ninja_on_path():
+    with _native.ninja_on_path():
         assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
     assert os.environ["PATH"] == "/nowhere"

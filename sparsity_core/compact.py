@@ -28,13 +28,14 @@ arms it for the backward passes of an update step) and summed into
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LayerError
+from .errors import LayerError, SparsityWarning
 from .native import compact_kernels
 
 __all__ = ["CompactLinear", "index_dtype", "is_compact"]
@@ -143,6 +144,7 @@ class CompactLinear(nn.Module):
         self._nnz = 0
         self.native = True
         """Use the compiled kernels where they apply (False: always the PyTorch path)."""
+        self._warned = False
         self.capture_grad = False
         """While set, every backward pass adds the dense weight gradient to ``captured_grad``."""
         self.captured_grad: torch.Tensor | None = None
@@ -293,12 +295,28 @@ class CompactLinear(nn.Module):
         return dense.view(self.dense_shape)
 
     def _kernels(self, x: torch.Tensor, values: torch.Tensor) -> Any | None:
-        """The compiled kernels when they apply to these tensors, else None."""
-        if not self.native or x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
+        """The compiled kernels when they apply to these tensors, else None (said once per
+        layer when the reason is not the user's choice)."""
+        if not self.native:
             return None
-        if values.dtype != x.dtype or type(x) is not torch.Tensor:
-            return None
-        return compact_kernels()
+        reason = None
+        if x.device.type != "cpu":
+            reason = f"on {x.device.type} (the compiled kernels are CPU kernels)"
+        elif x.dtype not in _KERNEL_DTYPES or values.dtype != x.dtype:
+            reason = f"in {x.dtype} with {values.dtype} values (the kernels take float32/float64)"
+        if reason is None and type(x) is torch.Tensor:
+            return compact_kernels()
+        if reason is not None and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"compact layer {self.fqn!r} runs {reason} on its PyTorch path: the right "
+                f"results, but each call forms a transient dense weight (and, in backward, a "
+                f"dense gradient), so it saves optimizer memory and none of the compute. Set "
+                f"layer.native = False to choose this path without the warning.",
+                SparsityWarning,
+                stacklevel=4,
+            )
+        return None
 
     def _product(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None):
         kernels = self._kernels(x, values)

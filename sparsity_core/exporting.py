@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,6 +27,7 @@ import attrs
 import torch
 from torch import nn
 
+from .compact import is_compact
 from .config import component_from_dict
 from .errors import ConfigError, LayerError, SparsityError
 from .layers import LayerSpec, SkippedLayer
@@ -174,6 +176,18 @@ def _check_supports(fmt: Any, name: str, structures: Any, spec: LayerSpec) -> No
         )
 
 
+def _pack(fmt: Any, module: nn.Module, weight: Any, mask: torch.Tensor) -> Any:
+    """The packed weight of a layer: a compact layer's straight from its layout when the
+    format can take one (``pack_layout``), else through a transient dense weight."""
+    if is_compact(module):
+        from_layout = getattr(fmt, "pack_layout", None)
+        if callable(from_layout):
+            return from_layout(module.values, module.index, module.row_ptr, module.dense_shape)
+        dense = module.dense_weight()
+        return fmt.pack(dense, mask.to(device=dense.device, dtype=torch.bool))
+    return fmt.pack(weight.detach(), mask.to(device=weight.device, dtype=torch.bool))
+
+
 def _masks_and_structures(masks: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     if isinstance(masks, DSTScheduler):
         layers = masks.layers
@@ -197,7 +211,9 @@ def export(
 ) -> ExportResult:
     """Replace every masked ``nn.Linear`` of ``model`` by a :class:`PackedLinear`, and every
     masked ``nn.Conv1d`` / ``nn.Conv2d`` (``groups=1``) that a rule names by a
-    :class:`PackedConv`.
+    :class:`PackedConv`. A compact layer (:class:`~sparsity_core.CompactLinear`) becomes a
+    :class:`PackedLinear` too, packed straight from its layout where the format has
+    ``pack_layout`` (``condensed``, ``csr``: no dense weight, no repacking).
 
     Every layer is checked and packed before the model is copied or changed, so an error leaves
     ``model`` as it was.
@@ -235,10 +251,17 @@ def export(
             continue
         mask, weight = mask_map[fqn], getattr(module, "weight", None)
         kind = type(module).__name__
-        if not isinstance(weight, torch.Tensor) or tuple(mask.shape) != tuple(weight.shape):
+        compact = is_compact(module)
+        shape = module.dense_shape if compact else getattr(weight, "shape", None)
+        if not (compact or isinstance(weight, torch.Tensor)) or tuple(mask.shape) != tuple(shape):
             raise LayerError(
                 f"export: the mask of layer {fqn!r} has shape {tuple(mask.shape)} but its weight "
-                f"is {None if weight is None else tuple(weight.shape)}; pass the matching mask."
+                f"is {None if shape is None else tuple(shape)}; pass the matching mask."
+            )
+        if compact and not torch.equal(module.mask(), mask.to(module.row_ptr.device)):
+            raise LayerError(
+                f"export: compact layer {fqn!r} holds another layout than its mask; pass the "
+                f"scheduler that trains it (or its masks)."
             )
         chosen, by_rule = _choose_format(fqn, module, rules, format)
         conv = isinstance(module, nn.Conv1d | nn.Conv2d)
@@ -253,10 +276,12 @@ def export(
             )
         elif conv and module.groups != 1:
             reason = f"a grouped convolution (groups={module.groups}) is not packed"
-        elif not conv and not isinstance(module, nn.Linear):
+        elif not conv and not compact and not isinstance(module, nn.Linear):
             reason = f"only Linear, Conv1d and Conv2d layers are packed, not {kind}"
         if reason is not None:
-            reason += "; kept dense with its inactive weights zeroed"
+            reason += (
+                "; kept compact" if compact else "; kept dense with its inactive weights zeroed"
+            )
             skipped.append(SkippedLayer(fqn, reason, layer_type=kind))
             continue
         spec = LayerSpec.of(fqn, module)
@@ -266,7 +291,7 @@ def export(
         if layer_structures is not None:
             _check_supports(fmt, name, layer_structures, spec)
         try:
-            packed = fmt.pack(weight.detach(), mask.to(device=weight.device, dtype=torch.bool))
+            packed = _pack(fmt, module, weight, mask)
         except (SparsityError, ValueError, RuntimeError) as exc:
             raise LayerError(
                 f"export: format {name!r} cannot pack layer {fqn!r}: {exc} (choose another "
@@ -284,12 +309,13 @@ def export(
                 in_features=module.in_features,
                 out_features=module.out_features,
             )
+        param = module.values if compact else weight
         report.append(
             ExportRow(
                 fqn,
                 name,
-                tuple(weight.shape),
-                weight.numel() * weight.element_size(),
+                tuple(shape),
+                math.prod(shape) * param.element_size(),
                 planned[fqn].nbytes(),
             )
         )
@@ -306,6 +332,8 @@ def export(
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for layer in skipped:
+            if is_compact(target.get_submodule(layer.fqn)):
+                continue  # holds only its active weights already
             weight = target.get_submodule(layer.fqn).weight
             mask = mask_map[layer.fqn].to(device=weight.device, dtype=torch.bool)
             weight.masked_fill_(~mask, 0)

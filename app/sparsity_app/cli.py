@@ -104,9 +104,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+    # Each sparse method on the masked path, and with --compact also compact, side by side.
+    plan = [(m, False) for m in methods]
+    if args.compact:
+        plan += [(m, True) for m in methods if m != DENSE]
     results = []
-    for method in methods:
+    for method, compact in plan:
         for seed in seeds:
+            name = f"{method}-compact" if compact else method
             results.append(
                 train_run(
                     method,
@@ -114,37 +119,42 @@ def cmd_train(args: argparse.Namespace) -> int:
                     recipe,
                     seed=seed,
                     progress=bar,
-                    checkpoint=ckpt_dir / f"{method}-seed{seed}.pt" if ckpt_dir else None,
+                    checkpoint=ckpt_dir / f"{name}-seed{seed}.pt" if ckpt_dir else None,
                     checkpoint_every=args.checkpoint_every,
                     resume=args.resume,
+                    compact=compact,
                 )
             )
     bar.close()
 
     rows = []
-    for method in methods:
-        runs = [r for r in results if r.method == method]
+    labels = list(dict.fromkeys(r.label for r in results))
+    for label in labels:
+        runs = [r for r in results if r.label == label]
         itops = [r.itop for r in runs if r.itop is not None]
         rows.append(
             [
-                method,
+                label,
                 mean_std([r.test_accuracy for r in runs]),
                 f"{1 - statistics.mean(r.density for r in runs):.4f}",
                 f"{statistics.mean(itops):.3f}" if itops else "-",
                 f"{statistics.mean(r.seconds for r in runs):.1f}",
+                f"{statistics.median(r.step_ms for r in runs):.2f}",
+                f"{statistics.mean(r.state_bytes for r in runs) / 2**10:.0f}",
             ]
         )
     print()
-    print(format_table(["method", "test acc %", "sparsity", "ITOP", "time s"], rows))
+    headers = ["method", "test acc %", "sparsity", "ITOP", "time s", "step ms", "state KiB"]
+    print(format_table(headers, rows))
     print()
     layer_rows = []
-    for method in methods:
-        first = next(r for r in results if r.method == method)
+    for label in labels:
+        first = next(r for r in results if r.label == label)
         for layer in first.layers:
             lo, hi = layer["fan_in_min"], layer["fan_in_max"]
             layer_rows.append(
                 [
-                    method,
+                    label,
                     layer["fqn"],
                     "x".join(map(str, layer["shape"])),
                     layer["structure"],
@@ -226,6 +236,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = build_model(
         arch.get("model", "mlp"), arch["num_features"], arch["num_classes"], arch["hidden"]
     )
+    if state.get("compact"):
+        # A compact run's model holds the layout: rebuild it from the saved masks first.
+        from sparsity_core.checkpoint import saved_config
+        from sparsity_core.compacting import to_compact
+
+        from .train import convolutions
+
+        to_compact(
+            model,
+            saved_config(state["sparsity"]),
+            masks=state["sparsity"]["masks"],
+            keep_masked=convolutions(model),
+        )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = DSTScheduler.from_state_dict(model, optimizer, state["sparsity"])
     model.load_state_dict(state["model"])
@@ -291,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distribution", default="erk", help="layer-wise distribution")
     t.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument(
+        "--compact",
+        action="store_true",
+        help="also train each method compact (only the active weights; sparsity_core.to_compact)"
+        " and show step time and training-state memory of dense, masked and compact side by side",
+    )
     t.add_argument("--json", metavar="PATH", help="also write every run as JSON")
     t.add_argument("--checkpoint-dir", help="save a checkpoint per run in this folder")
     t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsity_core.checkpoint import load_checkpoint, save_checkpoint
+from sparsity_core.checkpoint import load_checkpoint, save_checkpoint, saved_config
+from sparsity_core.compacting import to_compact
 from sparsity_core.config import DSTConfig, component_from_dict, component_to_dict, preset
 from sparsity_core.errors import CheckpointError, ConfigError
 from sparsity_core.layers import LayerSpec, select_layers
@@ -141,6 +143,16 @@ class RunResult:
     itop_curve: tuple[tuple[int, float], ...] = ()
     resumed_from: int = 0
     masks: dict[str, torch.Tensor] | None = attrs.field(default=None, eq=False, repr=False)
+    compact: bool = False
+    step_ms: float | None = None
+    """Median training step (forward, backward, optimizer, scheduler) of this process, in ms."""
+    state_bytes: int | None = None
+    """Weights, gradients, optimizer state, index buffers, masks and ever-active sets."""
+
+    @property
+    def label(self) -> str:
+        """The method, marked when it trained compact."""
+        return f"{self.method} (compact)" if self.compact else self.method
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields (the optional masks are left out)."""
@@ -167,7 +179,13 @@ def _flag(field: str) -> str:
 
 
 def _check_resumable(
-    state: Any, path: Path, method: str, recipe: Recipe, data: Dataset, seed: int
+    state: Any,
+    path: Path,
+    method: str,
+    recipe: Recipe,
+    data: Dataset,
+    seed: int,
+    compact: bool = False,
 ) -> None:
     """The checkpoint was written by this same job: method, seed, dataset and every flag."""
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
@@ -184,6 +202,11 @@ def _check_resumable(
     if state.get("method") != method:
         raise CheckpointError(
             f"checkpoint {path} is for method {state.get('method')!r}, not {method!r}."
+        )
+    if bool(state.get("compact", False)) != compact:
+        raise CheckpointError(
+            f"checkpoint {path} trained {'compact' if state.get('compact') else 'masked'}; "
+            f"resume it {'with' if state.get('compact') else 'without'} --compact."
         )
     saved = state.get("recipe")
     if not isinstance(saved, dict):
@@ -295,25 +318,44 @@ def train_run(
     checkpoint_every: int = 0,
     resume: bool = False,
     keep_masks: bool = False,
+    compact: bool = False,
 ) -> RunResult:
     """Train one model with ``method`` (a preset name, or ``dense``) and evaluate it.
 
     With ``checkpoint`` set, the model, optimizer, scheduler and step are saved there
     atomically every ``checkpoint_every`` steps; ``resume`` continues from that file.
-    ``keep_masks`` returns copies of the final masks in :attr:`RunResult.masks`.
+    ``keep_masks`` returns copies of the final masks in :attr:`RunResult.masks`. ``compact``
+    trains the sparse Linear layers compact (:func:`sparsity_core.to_compact`; convolutions
+    stay masked).
     """
+    if compact and method == DENSE:
+        raise ConfigError("the dense baseline has no sparse layers to train compact.")
     torch.manual_seed(seed)
     model = build_model(recipe.model, data.num_features, data.num_classes, recipe.hidden)
-    optimizer = recipe.make_optimizer(model.parameters())
     steps_per_epoch = recipe.steps_per_epoch(len(data.y_train))
     total_steps = recipe.epochs * steps_per_epoch
+    state = None
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        _check_resumable(state, checkpoint, method, recipe, data, seed, compact)
+    config = None
+    if state is not None and method != DENSE:
+        config = saved_config(state["sparsity"])
+    elif method != DENSE:
+        output_layer = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        specs = [spec for spec, _ in select_layers(model)]
+        config = method_config(method, recipe, seed, total_steps, output_layer, layers=specs)
+    if compact:
+        masks = state["sparsity"]["masks"] if state is not None else None
+        to_compact(
+            model, config, total_steps=total_steps, masks=masks, keep_masked=convolutions(model)
+        )
+    optimizer = recipe.make_optimizer(model.parameters())
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     scheduler = None
     start_step = 0
     saved_loss, saved_seconds = float("nan"), 0.0
-    if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        _check_resumable(state, checkpoint, method, recipe, data, seed)
+    if state is not None:
         if method != DENSE:
             scheduler = DSTScheduler.from_state_dict(model, optimizer, state["sparsity"])
         model.load_state_dict(state["model"])
@@ -323,9 +365,6 @@ def train_run(
         saved_loss = float(state.get("train_loss", float("nan")))
         saved_seconds = float(state.get("seconds", 0.0))
     elif method != DENSE:
-        output_layer = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
-        specs = [spec for spec, _ in select_layers(model)]
-        config = method_config(method, recipe, seed, total_steps, output_layer, layers=specs)
         scheduler = DSTScheduler(model, optimizer, config, total_steps=total_steps)
 
     def save(step: int, train_loss: float, seconds: float) -> None:
@@ -333,6 +372,7 @@ def train_run(
             {
                 "version": CHECKPOINT_VERSION,
                 "method": method,
+                "compact": compact,
                 "dataset": data.name,
                 "seed": seed,
                 "recipe": attrs.asdict(recipe),
@@ -358,9 +398,11 @@ def train_run(
     start = time.perf_counter()
     step = start_step
     train_loss = saved_loss
+    step_times: list[float] = []
     for epoch in range(start_step // steps_per_epoch, recipe.epochs):
         batches = _batches(len(data.y_train), recipe.batch_size, seed, epoch)
         for idx in batches[step - epoch * steps_per_epoch :]:
+            began = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
             loss.backward()
@@ -368,6 +410,7 @@ def train_run(
             lr_schedule.step()
             if scheduler is not None:
                 scheduler.step()
+            step_times.append(time.perf_counter() - began)
             step += 1
             train_loss = float(loss.item())
             if progress is not None:
@@ -431,7 +474,32 @@ def train_run(
         itop_curve(scheduler.history) if scheduler is not None else (),
         resumed_from=start_step,
         masks=_copies(masks) if keep_masks else None,
+        compact=compact,
+        step_ms=statistics.median(step_times) * 1e3 if step_times else None,
+        state_bytes=training_state_bytes(model, optimizer, scheduler),
     )
+
+
+def convolutions(model: nn.Module) -> list[str]:
+    """The layers compact training leaves masked (it holds Linear layers only)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d)]
+
+
+def training_state_bytes(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: DSTScheduler | None
+) -> int:
+    """Bytes a run keeps between steps: weights, gradients, optimizer state, index buffers and
+    (sparse runs) the masks and ever-active sets."""
+
+    def size(t: Any) -> int:
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    total = sum(size(p) + size(p.grad) for p in model.parameters())
+    total += sum(size(v) for p in model.parameters() for v in optimizer.state.get(p, {}).values())
+    total += sum(size(b) for b in model.buffers())
+    if scheduler is not None:
+        total += sum(size(lay.mask) + size(lay.ever_active) for lay in scheduler.layers.values())
+    return total
 
 
 def _copies(masks: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:

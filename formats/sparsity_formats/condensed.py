@@ -131,6 +131,31 @@ class Condensed:
         indices = cols.to(index_dtype(w2.shape[1]))
         return CondensedWeight(values, indices, rows, tuple(weight.shape))
 
+    def pack_layout(
+        self,
+        values: torch.Tensor,
+        columns: torch.Tensor,
+        row_ptr: torch.Tensor,
+        shape: tuple[int, ...],
+    ) -> CondensedWeight:
+        """The same weight straight from a compact layer's CSR layout (its ``values``,
+        column ``index`` and ``row_ptr``): each active row's slots become one row of
+        ``[active, k]``, with no dense weight and no search for the active positions."""
+        lengths = row_ptr[1:] - row_ptr[:-1]
+        rows = lengths.nonzero().squeeze(1)
+        fan_ins = lengths[rows].unique()
+        if fan_ins.numel() > 1:
+            raise LayerError(
+                f"condensed.pack_layout: the layout is not constant fan-in: its active output "
+                f"neurons hold between {int(fan_ins[0])} and {int(fan_ins[-1])} inputs. Store "
+                f"this layer as 'csr'."
+            )
+        k = int(fan_ins[0]) if fan_ins.numel() else 0
+        nnz = rows.numel() * k
+        held = values.detach()[:nnz].reshape(rows.numel(), k).clone()
+        indices = columns[:nnz].reshape(rows.numel(), k).to(index_dtype(shape[1]))
+        return CondensedWeight(held, indices, rows, tuple(shape))
+
     def _scatter(self, packed: CondensedWeight, fill: torch.Tensor) -> torch.Tensor:
         dense = fill.new_zeros(packed.out_features, packed.in_features)
         rows = packed.active_rows.unsqueeze(1).expand_as(packed.indices)

@@ -85,6 +85,21 @@ class CSR:
         values = w2[m2].clone()  # row-major order, matching ``nonzero``
         return CSRWeight(_sparse_csr(crow, col, values, tuple(w2.shape)), tuple(weight.shape))
 
+    def pack_layout(
+        self,
+        values: torch.Tensor,
+        columns: torch.Tensor,
+        row_ptr: torch.Tensor,
+        shape: tuple[int, ...],
+    ) -> CSRWeight:
+        """The same weight straight from a compact layer's CSR layout (its ``values``,
+        column ``index`` and ``row_ptr``), with no dense weight."""
+        nnz = int(row_ptr[-1])
+        crow = row_ptr.to(torch.int64).clone()
+        col = columns[:nnz].to(torch.int64)
+        held = values.detach()[:nnz].clone()
+        return CSRWeight(_sparse_csr(crow, col, held, tuple(shape)), tuple(shape))
+
     def unpack(self, packed: CSRWeight) -> torch.Tensor:
         return packed.matrix.to_dense().reshape(packed.shape)
 

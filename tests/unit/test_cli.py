@@ -88,6 +88,24 @@ class TestTrainCommand:
         assert 0.0 < rigl["test_accuracy"] <= 1.0
         assert all(0.0 < layer["sparsity"] < 1.0 for layer in rigl["layers"])
 
+    def test_compact_trains_each_method_masked_and_compact_side_by_side(self, capsys, tmp_path):
+        """--compact adds a compact run of each method: the same accuracy and masks as the
+        masked run, and step time and training-state memory for all three in the table."""
+        out_json = tmp_path / "runs.json"
+        assert main(["train", *TINY, "--compact", "--json", str(out_json)]) == 0
+        out = capsys.readouterr().out
+        assert "rigl (compact)" in out and "step ms" in out and "state KiB" in out
+        runs = json.loads(out_json.read_text())["runs"]
+        assert [(r["method"], r["compact"]) for r in runs] == [
+            ("dense", False),
+            ("rigl", False),
+            ("rigl", True),
+        ]
+        masked, compact = runs[1], runs[2]
+        assert compact["test_accuracy"] == pytest.approx(masked["test_accuracy"], abs=0.02)
+        assert compact["state_bytes"] < 0.5 * runs[0]["state_bytes"] < masked["state_bytes"]
+        assert all(r["step_ms"] > 0 for r in runs)
+
     def test_structured_methods_report_fan_in_and_validity(self, capsys, tmp_path):
         """SRigL and nm_rigl runs report constant fan-in, active neurons and a holding structure."""
         out_json = tmp_path / "runs.json"
@@ -170,6 +188,31 @@ class TestExportCommand:
         kept = torch.load(out_file, weights_only=True)
         assert kept["rules"] == ["0=none"] and "0.weight" in kept["model"]
         assert "0.values" not in kept["model"] and "2.values" in kept["model"]
+
+    def test_a_compact_checkpoint_exports_like_the_masked_one(self, capsys, tmp_path):
+        """sparsity-core export takes a --compact run's checkpoint (its layout is rebuilt from
+        the saved masks) and writes the masked run's packed model."""
+        argv = [
+            "train",
+            *TINY,
+            "--method",
+            "srigl",
+            "--no-dense",
+            "--compact",
+            "--checkpoint-dir",
+            str(tmp_path),
+            "--checkpoint-every",
+            "10",
+        ]
+        assert main(argv) == 0
+        for name in ("srigl-seed0", "srigl-compact-seed0"):
+            assert main(["export", str(tmp_path / f"{name}.pt"), "--format", "condensed"]) == 0
+        capsys.readouterr()
+        masked = torch.load(tmp_path / "srigl-seed0.condensed.pt", weights_only=True)["model"]
+        compact = torch.load(tmp_path / "srigl-compact-seed0.condensed.pt", weights_only=True)
+        assert masked.keys() == compact["model"].keys()
+        for key, value in masked.items():
+            torch.testing.assert_close(compact["model"][key], value, msg=key)
 
     def test_format_parameters_parse_ints_and_booleans(self):
         """`nm:n=2,m=4,semi_structured=true` gives ints and a bool; other values stay text."""
@@ -269,6 +312,34 @@ class TestCheckpointResume:
         assert resumed.test_accuracy == full.test_accuracy
         assert resumed.train_loss == full.train_loss
         assert resumed.layers == full.layers
+
+    def test_a_compact_run_resumes_identically(self, tmp_path):
+        """A compact run crashed at step 45 resumes from its step-30 checkpoint (the layout is
+        rebuilt from the saved masks) and ends as the uninterrupted compact run."""
+        torch.set_num_threads(1)
+        data = load_dataset("digits")
+        ckpt = tmp_path / "rigl-compact.pt"
+        with pytest.raises(_Crash):
+            train_run(
+                "rigl",
+                data,
+                RECIPE,
+                seed=3,
+                checkpoint=ckpt,
+                checkpoint_every=30,
+                progress=_CrashAt(45),
+                compact=True,
+            )
+        full = train_run("rigl", data, RECIPE, seed=3, compact=True)
+        resumed = train_run(
+            "rigl", data, RECIPE, seed=3, checkpoint=ckpt, resume=True, compact=True
+        )
+        assert (resumed.steps, resumed.resumed_from) == (69, 30)
+        assert resumed.test_accuracy == full.test_accuracy
+        assert resumed.train_loss == full.train_loss
+        assert resumed.layers == full.layers
+        with pytest.raises(CheckpointError, match="resume it with --compact"):
+            train_run("rigl", data, RECIPE, seed=3, checkpoint=ckpt, resume=True)
 
     def test_the_last_step_is_always_saved(self, tmp_path):
         """--checkpoint-every 30 on a 69-step run saves steps 30, 60 and 69 (the end)."""

@@ -420,3 +420,36 @@ class TestBadInput:
                 model(torch.randn(2, 16)).sum().backward()
                 opt.step()
                 scheduler.step()
+
+
+class TestExport:
+    """A compact model exports to the same inference model as its masked twin, packed
+    straight from the layout (condensed, csr: no dense weight)."""
+
+    @pytest.mark.parametrize(
+        ("method", "fmt"),
+        [("srigl", "condensed"), ("rigl", "csr"), ("srigl", "csr"), ("rigl", "dense_masked")],
+    )
+    def test_the_export_of_a_compact_run_is_the_masked_runs(self, method, fmt, monkeypatch):
+        _, runs = _pair(method)
+        for run in runs:
+            _train(*run, 12)
+        (m_model, _, m_sched), (c_model, _, c_sched) = runs
+        masked = sc.export(m_model, m_sched, format=fmt)
+        registry = sc.get_registry()
+        cls = type(registry.create(sc.ComponentType.FORMAT, fmt))
+        if hasattr(cls, "pack_layout"):  # packed from the layout: pack() is never called
+            monkeypatch.setattr(cls, "pack", lambda *a, **k: pytest.fail("pack() was called"))
+        compact = sc.export(c_model, c_sched, format=fmt)
+        assert [r.format for r in compact.report] == [r.format for r in masked.report]
+        x = torch.randn(7, 16, dtype=torch.float64)
+        torch.testing.assert_close(compact.model(x), masked.model(x))
+        for row_a, row_b in zip(masked.report, compact.report, strict=True):
+            assert row_a.dense_bytes == row_b.dense_bytes
+            assert row_a.packed_bytes == row_b.packed_bytes
+
+    def test_condensed_refuses_a_layout_that_is_not_constant_fan_in(self):
+        _, runs = _pair("rigl")
+        model, _, scheduler = runs[1]
+        with pytest.raises(LayerError, match="cannot pack layer"):
+            sc.export(model, dict(scheduler.masks), format="condensed")

@@ -188,3 +188,35 @@ def test_nm_2_4_uses_semi_structured_kernel(dtype):
         semi = type(packed.semi).__name__.startswith("SparseSemiStructuredTensor")
         assert semi is fmt.semi_structured
         torch.testing.assert_close(out, F.linear(x, weight, bias), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("preset", ["rigl", "srigl", "nm_rigl"])
+def test_compact_training_on_cuda_matches_the_masked_path(preset):
+    """Compact layers on CUDA (the PyTorch path): the masked run's masks after every update
+    and its weights within float tolerance, the convolution kept masked beside them."""
+    config = sc.preset(preset, density=0.5 if preset == "nm_rigl" else 0.2, delta_t=2)
+    runs = []
+    for compact in (False, True):
+        model = build()
+        if compact:
+            with pytest.warns(sc.SparsityWarning, match="PyTorch path"):
+                sc.to_compact(model, config, total_steps=12, keep_masked=["conv"])
+                model(data()[0][0])
+        optimizer = adam(model.parameters())
+        scheduler = sc.DSTScheduler(model, optimizer, config, total_steps=12)
+        trace = []
+        for step in range(10):
+            x, y = data()[step % 4]
+            optimizer.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            optimizer.step()
+            if scheduler.step():
+                trace.append({k: v.clone() for k, v in scheduler.masks.items()})
+        runs.append((model, trace))
+    (masked, a), (compact, b) = runs
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    for name in ("fc", "head"):
+        dense = getattr(compact, name).dense_weight()
+        torch.testing.assert_close(dense, getattr(masked, name).weight.detach())

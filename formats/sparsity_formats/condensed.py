@@ -69,6 +69,20 @@ def _kernel_args(packed: Any) -> tuple:
     )
 
 
+def _constant_fan_in(method: str, counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The active rows and their common fan-in ``k`` from per-row counts, or a LayerError."""
+    rows = counts.nonzero().squeeze(1)
+    fan_ins = counts[rows].unique()
+    if fan_ins.numel() > 1:
+        raise LayerError(
+            f"condensed.{method}: the mask is not constant fan-in: its active output neurons "
+            f"hold between {int(fan_ins[0])} and {int(fan_ins[-1])} active inputs, but every "
+            f"one must hold the same k (all-off neurons count as ablated). Use a "
+            f"constant_fan_in or nm structure for this layer, or store it as 'csr'."
+        )
+    return rows, int(fan_ins[0]) if fan_ins.numel() else 0
+
+
 @attrs.define(eq=False)
 class CondensedWeight(PackedShape):
     """Values and column indices ``[active, k]``, the active rows, and the weight's shape."""
@@ -115,17 +129,7 @@ class Condensed:
 
     def pack(self, weight: torch.Tensor, mask: torch.Tensor) -> CondensedWeight:
         w2, m2 = as_matrix("condensed", weight, mask)
-        counts = m2.sum(dim=1)
-        rows = counts.nonzero().squeeze(1)
-        fan_ins = counts[rows].unique()
-        if fan_ins.numel() > 1:
-            raise LayerError(
-                f"condensed.pack: the mask is not constant fan-in: its active output neurons "
-                f"hold between {int(fan_ins[0])} and {int(fan_ins[-1])} active inputs, but every "
-                f"one must hold the same k (all-off neurons count as ablated). Use a "
-                f"constant_fan_in or nm structure for this layer, or store it as 'csr'."
-            )
-        k = int(fan_ins[0]) if fan_ins.numel() else 0
+        rows, k = _constant_fan_in("pack", m2.sum(dim=1))
         cols = m2[rows].nonzero()[:, 1].reshape(rows.numel(), k)
         values = w2[rows].gather(1, cols)
         indices = cols.to(index_dtype(w2.shape[1]))
@@ -141,16 +145,7 @@ class Condensed:
         """The same weight straight from a compact layer's CSR layout (its ``values``,
         column ``index`` and ``row_ptr``): each active row's slots become one row of
         ``[active, k]``, with no dense weight and no search for the active positions."""
-        lengths = row_ptr[1:] - row_ptr[:-1]
-        rows = lengths.nonzero().squeeze(1)
-        fan_ins = lengths[rows].unique()
-        if fan_ins.numel() > 1:
-            raise LayerError(
-                f"condensed.pack_layout: the layout is not constant fan-in: its active output "
-                f"neurons hold between {int(fan_ins[0])} and {int(fan_ins[-1])} inputs. Store "
-                f"this layer as 'csr'."
-            )
-        k = int(fan_ins[0]) if fan_ins.numel() else 0
+        rows, k = _constant_fan_in("pack_layout", row_ptr[1:] - row_ptr[:-1])
         nnz = rows.numel() * k
         held = values.detach()[:nnz].reshape(rows.numel(), k).clone()
         indices = columns[:nnz].reshape(rows.numel(), k).to(index_dtype(shape[1]))

@@ -286,7 +286,7 @@ RECIPE = Recipe(epochs=3, hidden=(32,), delta_t=7)  # digits: 23 steps per epoch
 class TestCheckpointResume:
     """The main job's checkpoints: the last step is saved, and a resume continues that run."""
 
-    def _crashed(self, tmp_path, at: int = 45):
+    def _crashed(self, tmp_path, at: int = 45, compact: bool = False):
         data = load_dataset("digits")
         ckpt = tmp_path / "rigl.pt"
         with pytest.raises(_Crash):
@@ -298,6 +298,7 @@ class TestCheckpointResume:
                 checkpoint=ckpt,
                 checkpoint_every=30,
                 progress=_CrashAt(at),
+                compact=compact,
             )
         return data, ckpt
 
@@ -317,19 +318,7 @@ class TestCheckpointResume:
         """A compact run crashed at step 45 resumes from its step-30 checkpoint (the layout is
         rebuilt from the saved masks) and ends as the uninterrupted compact run."""
         torch.set_num_threads(1)
-        data = load_dataset("digits")
-        ckpt = tmp_path / "rigl-compact.pt"
-        with pytest.raises(_Crash):
-            train_run(
-                "rigl",
-                data,
-                RECIPE,
-                seed=3,
-                checkpoint=ckpt,
-                checkpoint_every=30,
-                progress=_CrashAt(45),
-                compact=True,
-            )
+        data, ckpt = self._crashed(tmp_path, compact=True)
         full = train_run("rigl", data, RECIPE, seed=3, compact=True)
         resumed = train_run(
             "rigl", data, RECIPE, seed=3, checkpoint=ckpt, resume=True, compact=True

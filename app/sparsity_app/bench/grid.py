@@ -149,6 +149,8 @@ class RunSpec:
     recipe: Recipe
     keep_masks: bool = attrs.field(default=False, eq=False)
     variant: str = ""
+    compact: bool = False
+    """Train the sparse Linear layers compact (sparsity_core.to_compact)."""
 
     @property
     def setting(self) -> str:
@@ -160,9 +162,9 @@ class RunSpec:
             f"{self.setting}/{self.method}/s{self.sparsity:g}/seed{self.seed}/"
             f"{recipe_fingerprint(self.recipe)}"
         )
-        return (
-            key if METHODS_REVISION == 1 or self.method == DENSE else f"{key}/r{METHODS_REVISION}"
-        )
+        if METHODS_REVISION != 1 and self.method != DENSE:
+            key = f"{key}/r{METHODS_REVISION}"
+        return f"{key}/compact" if self.compact else key
 
 
 def plan_runs(
@@ -172,6 +174,7 @@ def plan_runs(
     seeds: Sequence[int],
     *,
     mask_sparsity: float | None = None,
+    compact: bool = False,
 ) -> list[RunSpec]:
     """Every run of the grid, seed by seed: the dense baseline once per (setting, seed), each
     other method at each sparsity. Runs of the first seed at ``mask_sparsity`` keep their
@@ -195,6 +198,7 @@ def plan_runs(
                             attrs.evolve(setting.recipe, sparsity=sparsity),
                             keep_masks=(seed == seeds[0] and sparsity == mask_sparsity),
                             variant=setting.variant,
+                            compact=compact and method != DENSE,
                         )
                     )
     return specs
@@ -220,7 +224,14 @@ def unpack_mask(packed: dict[str, Any]) -> np.ndarray:
 def run_one(spec: RunSpec) -> dict[str, Any]:
     """Train one run of the grid and return its JSON record."""
     data = _dataset(spec.dataset)
-    result = train_run(spec.method, data, spec.recipe, seed=spec.seed, keep_masks=spec.keep_masks)
+    result = train_run(
+        spec.method,
+        data,
+        spec.recipe,
+        seed=spec.seed,
+        keep_masks=spec.keep_masks,
+        compact=spec.compact,
+    )
     model = build_model(spec.recipe.model, data.num_features, data.num_classes, spec.recipe.hidden)
     record = {
         "key": spec.key,

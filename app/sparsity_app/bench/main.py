@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_out: str) -> None:
         action="store_true",
         help="train nothing: write the table, checks and plots from the runs already stored",
     )
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="train every sparse run compact (sparsity_core.to_compact; convolutions stay "
+        "masked); the runs get their own keys",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead timing")
     parser.add_argument(
@@ -126,7 +132,14 @@ def _plan(args: argparse.Namespace):
         methods,
         sparsities,
         seeds,
-        plan_runs(settings, methods, sparsities, seeds, mask_sparsity=mask_sparsity),
+        plan_runs(
+            settings,
+            methods,
+            sparsities,
+            seeds,
+            mask_sparsity=mask_sparsity,
+            compact=getattr(args, "compact", False),
+        ),
         mask_sparsity,
     )
 

@@ -63,6 +63,7 @@ class _CompactLinearFunction(torch.autograd.Function):
     def forward(ctx, x, values, bias, layer):
         ctx.layer = layer
         ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(x, values)
         return layer._product(x, values, bias)
 
@@ -80,7 +81,9 @@ class _CompactLinearFunction(torch.autograd.Function):
         grad_x, grad_values = layer._backward(
             x, values, grad_out, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         )
-        grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_values, grad_bias, None
 
 
@@ -146,7 +149,9 @@ class CompactLinear(nn.Module):
         """Use the compiled kernels where they apply (False: always the PyTorch path)."""
         self._warned = False
         self.capture_grad = False
-        """While set, every backward pass adds the dense weight gradient to ``captured_grad``."""
+        """While set, every backward pass adds the dense weight gradient to ``captured_grad``
+        (the scheduler arms it for the steps whose update needs it, and empties it after each
+        optimizer step)."""
         self.captured_grad: torch.Tensor | None = None
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -344,7 +349,7 @@ class CompactLinear(nn.Module):
         grad_x = grad_values = None
         kernels = self._kernels(x, values)
         if kernels is not None:  # sparse products over the stored weights only
-            gyt = grad_out.t().contiguous()
+            gyt = grad_out.to(values.dtype).t().contiguous()
             xt = x.detach().t().contiguous()
             values = values.detach()
             if need_x:
@@ -356,10 +361,13 @@ class CompactLinear(nn.Module):
             if self.capture_grad:
                 self._capture(gyt @ xt.t())
             return grad_x, grad_values
+        # Under autocast the forward ran in a lower precision, so grad_out may be in another
+        # dtype than x and values: compute in grad_out's, give each gradient its input's.
+        low = grad_out.dtype
         if need_x:
-            grad_x = grad_out @ self._weight_from(values)
+            grad_x = (grad_out @ self._weight_from(values).to(low)).to(x.dtype)
         if need_values or self.capture_grad:
-            dense_grad = grad_out.t() @ x
+            dense_grad = (grad_out.t() @ x.to(low)).to(values.dtype)
             if self.capture_grad:
                 self._capture(dense_grad)
             if need_values:
@@ -368,9 +376,9 @@ class CompactLinear(nn.Module):
         return grad_x, grad_values
 
     def _capture(self, dense_grad: torch.Tensor) -> None:
-        # A gradient that was reset (zero_grad(set_to_none=True)) restarts the sum, as the
-        # dense weight's .grad would.
-        if self.captured_grad is None or self.values.grad is None:
+        # Summed over every backward pass (every use of the layer, every micro-batch) until the
+        # scheduler takes it and re-arms (after each optimizer step).
+        if self.captured_grad is None:
             self.captured_grad = dense_grad.detach().clone()
         else:
             self.captured_grad.add_(dense_grad.detach())
@@ -413,6 +421,7 @@ class CompactLinear(nn.Module):
         if linear.bias is not None:
             with torch.no_grad():
                 module.bias.copy_(linear.bias)
+            module.bias.requires_grad_(linear.bias.requires_grad)
         module.values.requires_grad_(linear.weight.requires_grad)
         return module
 
@@ -429,10 +438,34 @@ class CompactLinear(nn.Module):
         out.weight.copy_(self.dense_weight())
         if self.bias is not None:
             out.bias.copy_(self.bias)
+            out.bias.requires_grad_(self.bias.requires_grad)
         out.weight.requires_grad_(self.values.requires_grad)
         return out
 
 
 def _refresh_after_load(module: CompactLinear, incompatible: Any) -> None:
-    """The cached ``nnz`` follows the loaded ``row_ptr``."""
-    module._nnz = int(module.row_ptr[-1])
+    """The cached ``nnz`` follows the loaded ``row_ptr``, once the loaded layout is checked (the
+    kernels trust it: a layout of another layer could make them read out of bounds)."""
+    row_ptr, nnz = module.row_ptr, int(module.row_ptr[-1])
+    lengths = row_ptr[1:] - row_ptr[:-1]
+    problem = None
+    if (
+        int(row_ptr[0]) != 0
+        or bool((lengths < 0).any())
+        or bool((lengths > module.in_features).any())
+    ):
+        problem = "row_ptr is not a valid row pointer (it must start at 0, never decrease, and "
+        problem += f"give no row more than in_features={module.in_features} slots)"
+    elif nnz > module.capacity:
+        problem = f"row_ptr holds {nnz} slots, more than the capacity of {module.capacity}"
+    elif nnz and not (
+        int(module.index[:nnz].min()) >= 0 and int(module.index[:nnz].max()) < module.in_features
+    ):
+        problem = f"a column index lies outside 0..{module.in_features - 1}"
+    if problem is not None:
+        raise LayerError(
+            f"compact layer {module.fqn!r}: the loaded state is not a layout of this "
+            f"{module.out_features}x{module.in_features} layer: {problem}. Load the state_dict "
+            f"of the same model."
+        )
+    module._nnz = nnz

@@ -63,6 +63,12 @@ from .telemetry import LayerSummary, UpdateRecord, active_neurons, itop_rate
 __all__ = ["SCHEMA_VERSION", "DSTScheduler"]
 
 
+def _multi_process() -> bool:
+    """A torch.distributed run with more than one rank."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _dense(layer: LayerState) -> torch.Tensor | None:
     """A compact layer's transient dense weight for an update (None: the layer's own)."""
     return layer.module.dense_weight() if layer.compact else None
@@ -222,7 +228,7 @@ class DSTScheduler:
             check_layers(self.layers, resume)
         self._verify_ranks(int(resume["step"]) if resume is not None else 0)
         if resume is not None:
-            self._relayout_to_masks()
+            self._relayout_to_masks(resuming=True)
         if resume is None:
             self._reinit()
         self._apply_masks(reset_optimizer=True)
@@ -261,6 +267,13 @@ class DSTScheduler:
                 f"on update steps only). Train them on the masked path (sparsity_core."
                 f"to_masked(model)) or choose criteria without a gradient momentum."
             )
+        if self._caps.needs_grad and self._grad_group is None and _multi_process():
+            raise ConfigError(
+                f"compact layers {[p.spec.fqn for p in compact]} form their dense gradient on "
+                f"update steps on each rank, and the scheduler averages it over the "
+                f"DistributedDataParallel group it is given. Pass the DDP wrapper (not the inner "
+                f"model) to DSTScheduler, or ranks would grow different weights."
+            )
         need = capacities(plan)
         for p in compact:
             if p.module.capacity < need[p.spec.fqn]:
@@ -285,24 +298,40 @@ class DSTScheduler:
     def _average_captured(self) -> None:
         """Under DDP, the dense gradients compact layers formed are each rank's own: average
         them over the ranks, as DDP averaged the dense weight's gradient on the masked path."""
-        if self._grad_group is None:
+        if self._grad_group is None or not self._caps.needs_grad:
             return
-        captured = [
-            layer.module.captured_grad
-            for layer in self.layers.values()
-            if layer.compact and layer.module.captured_grad is not None
-        ]
+        captured = []
+        for layer in self.layers.values():
+            if layer.compact:
+                # Every rank reduces every layer (zeros where a layer saw no backward pass), so
+                # the collectives line up whatever each rank's batch used.
+                if layer.module.captured_grad is None:
+                    layer.module.captured_grad = torch.zeros(
+                        layer.spec.shape, dtype=layer.param.dtype, device=layer.param.device
+                    )
+                captured.append(layer.module.captured_grad)
         if captured:
             average_across(captured, self._grad_group)
 
     @torch.no_grad()
-    def _relayout_to_masks(self) -> None:
+    def _relayout_to_masks(self, *, resuming: bool = False) -> None:
         """Compact layers take the layout of the loaded masks, as masked layers are zeroed
         where the loaded masks are off (loading the model's state_dict of the same checkpoint,
-        before or after, gives the same layout)."""
+        before or after, gives the same layout). While resuming, optimizer state that already
+        exists was loaded for the checkpoint's layout, not the model's: moving it would
+        scramble it, so that order is refused."""
         for layer in self.layers.values():
-            if layer.compact and not torch.equal(layer.module.mask(), layer.mask):
-                layer.module.relayout_(layer.mask, param_shaped_state(self.optimizer, layer.param))
+            if not layer.compact or torch.equal(layer.module.mask(), layer.mask):
+                continue
+            state = param_shaped_state(self.optimizer, layer.param)
+            if resuming and state:
+                raise SchedulerStateError(
+                    f"compact layer {layer.spec.fqn!r} holds another layout than the checkpoint, "
+                    f"and the optimizer already holds state for it (loaded for the checkpoint's "
+                    f"layout). Load the model's state_dict (it holds the layout) before the "
+                    f"optimizer's, or build the scheduler before loading the optimizer."
+                )
+            layer.module.relayout_(layer.mask, state)
 
     def _check_state(self, layer: LayerState) -> None:
         """Before an update: a compact layer's layout is still the scheduler's mask, and the
@@ -322,12 +351,13 @@ class DSTScheduler:
     def _arm_capture(self) -> None:
         """Compact layers form the dense gradient only for the backward passes of the step
         whose topology update needs it."""
-        capture = self._caps.needs_grad and self.is_update_step(self._step + 1)
+        capture = (
+            bool(self._hooks) and self._caps.needs_grad and self.is_update_step(self._step + 1)
+        )
         for layer in self.layers.values():
             if layer.compact:
                 layer.module.capture_grad = capture
-                if not capture:
-                    layer.module.captured_grad = None
+                layer.module.captured_grad = None  # a new step: sum its backward passes only
 
     def _warn_skipped(self) -> None:
         surprising = [s for s in self.skipped if not s.requested]
@@ -658,6 +688,7 @@ class DSTScheduler:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._arm_capture()  # disarms: no dense gradient is formed for a detached scheduler
         refs = _ATTACHED.get(self.optimizer, [])
         refs[:] = [r for r in refs if r() is not None and r() is not self]
 

@@ -210,9 +210,13 @@ at::Tensor grad_input_t(const at::Tensor& gyt, const at::Tensor& values, const a
   check(gyt.size(0) == out_features, "gyt must have out_features rows");
   const int64_t batch = gyt.size(1);
   const int64_t nnz = row_ptr[out_features].item<int64_t>();
-  // Rows split into one contiguous range per thread, each adding into its own buffer.
+  // Rows split into one contiguous range per thread, each adding into its own buffer (as many
+  // buffers as keep the scratch within 256 MiB, at least one).
+  const int64_t buffer_bytes = std::max<int64_t>(1, in_features * batch * values.element_size());
+  const int64_t by_memory = std::max<int64_t>(1, (int64_t{256} << 20) / buffer_bytes);
   const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(at::get_num_threads(), nnz * batch / 65536 + 1));
+      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
+                            nnz * batch / 65536 + 1, by_memory}));
   at::Tensor parts = at::zeros({threads, in_features, batch}, values.options());
   std::vector<int64_t> bounds(threads + 1, out_features);
   {

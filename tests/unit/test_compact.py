@@ -127,6 +127,18 @@ def _gradcheck(layer: CompactLinear, x: torch.Tensor) -> bool:
     return torch.autograd.gradcheck(f, (x, *params))
 
 
+def _with_reference(in_f, out_f, density, *, seed, dtype=torch.float64):
+    """A compact layer and the masked dense nn.Linear it stands for."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_f, out_f).to(dtype)
+    mask = torch.rand(out_f, in_f) < density
+    ref = nn.Linear(in_f, out_f).to(dtype)
+    with torch.no_grad():
+        ref.weight.copy_(linear.weight * mask)
+        ref.bias.copy_(linear.bias)
+    return CompactLinear.from_linear(linear, mask), ref
+
+
 class TestGradients:
     """The backward of a compact layer, w.r.t. the input, the values and the bias."""
 
@@ -156,26 +168,64 @@ class TestGradients:
 
     def test_captured_gradient_is_the_dense_weight_gradient_summed_over_backward_passes(self):
         """While armed, the layer forms the masked dense layer's full weight gradient (inactive
-        positions included), summed over micro-batches until zero_grad() resets it."""
-        torch.manual_seed(2)
-        linear = nn.Linear(5, 4).double()
-        mask = torch.rand(4, 5) < 0.4
-        layer = CompactLinear.from_linear(linear, mask)
-        ref = nn.Linear(5, 4).double()
-        with torch.no_grad():
-            ref.weight.copy_(linear.weight * mask)
-            ref.bias.copy_(linear.bias)
+        positions included), summed over micro-batches until the scheduler empties it."""
+        layer, ref = _with_reference(5, 4, 0.4, seed=2)
         layer.capture_grad = True
         xs = [torch.randn(3, 5, dtype=torch.float64) for _ in range(2)]
         for x in xs:
             layer(x).square().sum().backward()
             ref(x).square().sum().backward()
         assert torch.allclose(layer.captured_grad, ref.weight.grad)
-        layer.values.grad = None  # zero_grad(set_to_none=True)
+        layer.captured_grad = None  # what the scheduler does after each optimizer step
         layer(xs[0]).sum().backward()
         ref.weight.grad = None
         ref(xs[0]).sum().backward()
         assert torch.allclose(layer.captured_grad, ref.weight.grad)
+
+    def test_captured_gradient_sums_every_use_of_the_layer(self):
+        """A layer applied twice in one forward: the captured gradient is the sum over both
+        uses, as the dense weight's .grad is (found in review: the first use was lost)."""
+        layer, ref = _with_reference(6, 6, 0.5, seed=3)
+        layer.capture_grad = True
+        x = torch.randn(4, 6, dtype=torch.float64)
+        layer(torch.tanh(layer(x))).square().sum().backward()
+        ref(torch.tanh(ref(x))).square().sum().backward()
+        torch.testing.assert_close(layer.captured_grad, ref.weight.grad)
+
+    def test_autocast_runs_and_gives_each_gradient_its_inputs_dtype(self):
+        """Under CPU autocast (bfloat16) the PyTorch path's backward computes in the lower
+        precision and returns float32 gradients for float32 inputs (found in review: it raised
+        a dtype mismatch)."""
+        layer, ref = _with_reference(8, 5, 0.5, seed=4, dtype=torch.float32)
+        layer.native = False
+        layer.capture_grad = True
+        xa, xb = (torch.randn(3, 8).requires_grad_() for _ in range(2))
+        with torch.no_grad():
+            xb.copy_(xa)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ya, yb = layer(xa), ref(xb)
+        assert ya.dtype == torch.bfloat16
+        ya.float().sum().backward()
+        yb.float().sum().backward()
+        assert xa.grad.dtype == layer.values.grad.dtype == layer.bias.grad.dtype == torch.float32
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(layer.captured_grad, ref.weight.grad, rtol=2e-2, atol=2e-2)
+
+    def test_a_layout_of_another_layer_is_refused_on_load(self):
+        """Column indices past in_features (a 64-input layer loaded into a 32-input one) would
+        make the kernels read out of bounds: refused, naming the layer."""
+        mask = torch.zeros(4, 64, dtype=torch.bool)
+        mask[:, 40:45] = True
+        wide = CompactLinear.from_linear(nn.Linear(64, 4), mask)
+        narrow = CompactLinear(32, 4, wide.capacity, fqn="fc")
+        with pytest.raises(LayerError, match=r"'fc'.*column index lies outside 0..31"):
+            narrow.load_state_dict(wide.state_dict())
+
+    def test_a_frozen_bias_stays_frozen(self):
+        linear = nn.Linear(4, 3)
+        linear.bias.requires_grad_(False)
+        layer = CompactLinear.from_linear(linear, torch.ones(3, 4, dtype=torch.bool))
+        assert not layer.bias.requires_grad and not layer.to_linear().bias.requires_grad
 
     def test_no_dense_gradient_is_formed_unless_armed(self):
         layer = CompactLinear.from_linear(nn.Linear(3, 2), torch.ones(2, 3, dtype=torch.bool))
@@ -289,6 +339,29 @@ class TestTraining:
         assert scheduler2.history == straight[2].history
         assert len(scheduler2.history) > 0
 
+    def test_loading_the_optimizer_before_the_layout_is_refused(self):
+        """Resuming into a fresh compact model (its initial layout) with the optimizer's state
+        loaded first: that state belongs to the checkpoint's layout, and moving it from the
+        initial one would scramble it (found in review), so the order is refused."""
+        config, runs = _pair("rigl")
+        model, opt, scheduler = runs[1]
+        _train(model, opt, scheduler, 12)
+        state = {"opt": opt.state_dict(), "s": scheduler.state_dict()}
+        fresh = to_compact(mlp().double(), config, total_steps=60)
+        opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+        opt2.load_state_dict(state["opt"])
+        with pytest.raises(SchedulerStateError, match="before the optimizer's"):
+            DSTScheduler.from_state_dict(fresh, opt2, state["s"])
+
+    def test_remove_disarms_the_dense_gradient(self):
+        config = sc.preset("rigl", density=0.25, delta_t=1)
+        model = to_compact(mlp(), config, total_steps=20)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = DSTScheduler(model, opt, config, total_steps=20)
+        assert model[0].capture_grad
+        scheduler.remove()
+        assert not model[0].capture_grad and model[0].captured_grad is None
+
     def test_a_masked_run_goes_on_compact_from_its_masks(self):
         """Convert mid-run (masks from the masked scheduler, fresh optimizer state on both):
         the compact run goes on with the same masks and weights as the masked one."""
@@ -398,6 +471,18 @@ class TestBadInput:
         model = to_compact(mlp(), config, total_steps=50)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         with pytest.raises(ConfigError, match="momentum of the dense gradient"):
+            DSTScheduler(model, opt, config, total_steps=50)
+
+    def test_the_inner_model_of_a_multi_process_run_is_refused(self, monkeypatch):
+        """With several ranks and no DDP wrapper given, the captured dense gradients could not
+        be averaged: refused before training, asking for the wrapper."""
+        import sparsity_core.scheduler as scheduler_module
+
+        monkeypatch.setattr(scheduler_module, "_multi_process", lambda: True)
+        config = sc.preset("rigl", density=0.25)
+        model = to_compact(mlp(), config, total_steps=50)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(ConfigError, match="Pass the DDP wrapper"):
             DSTScheduler(model, opt, config, total_steps=50)
 
     def test_optimizer_state_not_shaped_like_the_values_is_refused(self):

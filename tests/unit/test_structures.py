@@ -202,7 +202,9 @@ def assert_update_sequence(
             ranked = torch.where(finite, grow.float(), -math.inf)
             top = (ranked >= cutoff).reshape(spec.fan_out, -1).sum(dim=1)
             k = budget // spec.fan_out
-            need = max(1, math.floor(s.ablation.gamma_sal * k + 1e-9))
+            # gamma_sal = 0 is the documented "ablate nothing": every neuron may come back.
+            gamma = s.ablation.gamma_sal
+            need = 0 if gamma == 0.0 else max(1, math.floor(gamma * k + 1e-9))
             assert bool((top[revived] >= need).all()), (
                 f"{spec.fqn}: neurons {torch.nonzero(revived).flatten().tolist()} came back "
                 f"without {need} salient weights"

@@ -14,6 +14,8 @@ paths, which give the same results, and one :class:`NativeKernelWarning` says wh
 The compact-layer kernels (:func:`compact_kernels`) choose their instruction set at load time
 (AVX-512, AVX2 + FMA, or the portable baseline): the source is compiled once per ISA inside one
 library, so no build flag ties it to the machine that built it.
+``SPARSITY_CORE_ISA=avx2`` (or ``avx512``, ``portable``) picks another ISA for every compiled
+kernel (the condensed inference kernel too), read when a kernel library loads.
 ``python -m sparsity_core.native`` builds (or loads) them and prints the build time and ISA.
 """
 
@@ -33,9 +35,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["NativeExtension", "NativeKernelWarning", "compact_kernels", "native_disabled"]
+__all__ = [
+    "CSRC",
+    "NativeExtension",
+    "NativeKernelWarning",
+    "apply_isa_choice",
+    "compact_kernels",
+    "native_disabled",
+]
 
 DISABLE_ENV = "SPARSITY_CORE_NATIVE"
+ISA_ENV = "SPARSITY_CORE_ISA"
 _disabled: list[bool] = []
 
 
@@ -49,6 +59,23 @@ def native_disabled() -> bool:
         value = os.environ.get(DISABLE_ENV, "1").strip().lower()
         _disabled.append(value in ("0", "off", "false", "no"))
     return _disabled[0]
+
+
+def apply_isa_choice(module: Any, what: str) -> None:
+    """Switch a loaded kernel module to the ISA named by ``SPARSITY_CORE_ISA`` (``avx512``,
+    ``avx2``, ``portable``), if set; the module's default is the widest the CPU has."""
+    choice = os.environ.get(ISA_ENV, "").strip().lower()
+    if not choice or not hasattr(module, "set_isa"):
+        return
+    try:
+        module.set_isa(choice)
+    except ValueError as exc:
+        warnings.warn(
+            f"sparsity_core: {ISA_ENV}={choice!r} is not available to {what} ({exc}); using "
+            f"{module.isa()}.",
+            NativeKernelWarning,
+            stacklevel=3,
+        )
 
 
 def cpu_capability() -> str:
@@ -129,11 +156,12 @@ class NativeExtension:
                 name=name,
                 sources=[str(self.source)],
                 extra_cflags=self.flags,
-                extra_include_paths=[str(self.source.parent)],
+                extra_include_paths=[str(self.source.parent), str(CSRC)],
                 is_python_module=True,
                 verbose=False,
             )
         self.seconds = time.perf_counter() - start
+        apply_isa_choice(module, self.what)
         return module
 
     def load(self) -> Any | None:
@@ -172,11 +200,12 @@ class NativeExtension:
         }
 
 
-_CSRC = Path(__file__).with_name("csrc")
+CSRC = Path(__file__).with_name("csrc")
+"""The core's C++ sources (``isa_select.h`` is shared with the formats' kernels)."""
 COMPACT = NativeExtension(
     "sparsity_core_compact",
-    _CSRC / "compact_cpu.cpp",
-    depends=[_CSRC / "compact_body.inc"],
+    CSRC / "compact_cpu.cpp",
+    depends=[CSRC / "compact_body.inc", CSRC / "isa_select.h"],
     what="the compact-layer CPU kernels",
 )
 

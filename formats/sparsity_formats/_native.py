@@ -4,11 +4,15 @@
 kernel, which is also registered as the operator ``torch.ops.sparsity_formats.condensed_linear``
 (for code that must go through the dispatcher). The first call in a process compiles
 ``csrc/condensed_cpu.cpp`` as a torch C++ extension (the system's gcc/g++; ninja from the
-``ninja`` package on PyPI, a dependency, or from the system; torch's own headers; about 70-80 s
+``ninja`` package on PyPI, a dependency, or from the system; torch's own headers; about 2 minutes
 on two cores here) into torch's extension cache (``$TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``); later processes load the cached library in well under a second.
 The build is keyed by the source, the flags and the CPU's vector capability, so a change to any
 of them rebuilds.
+
+The kernels are compiled once per instruction set (AVX-512, AVX2+FMA+F16C, portable) and the
+widest one the CPU has is chosen when the library loads; ``SPARSITY_CORE_ISA`` picks another
+(see :mod:`sparsity_core.native`), ``kernel_isas().set_isa(name)`` switches at run time.
 
 When the build fails (no compiler, no ninja, a non-x86 CPU without the flags, ...) the formats
 fall back to their pure-PyTorch kernels, which give the same results, and one
@@ -30,11 +34,12 @@ from typing import Any
 
 import torch
 
-from sparsity_core.native import ninja_on_path
+from sparsity_core.native import CSRC, apply_isa_choice, ninja_on_path
 
-__all__ = ["NativeKernelWarning", "condensed_linear", "native_status"]
+__all__ = ["NativeKernelWarning", "condensed_linear", "kernel_isas", "native_status"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "condensed_cpu.cpp"
+_BODY = _SOURCE.with_name("condensed_body.inc")
 _DISABLE_ENV = "SPARSITY_CORE_NATIVE"
 _lock = threading.Lock()
 _state: dict[str, Any] = {"tried": False, "op": None, "error": None, "seconds": None}
@@ -45,14 +50,13 @@ class NativeKernelWarning(RuntimeWarning):
 
 
 def _flags() -> tuple[str, list[str]]:
-    """The capability tag and compiler flags for this CPU."""
+    """The capability tag and compiler flags for this CPU. The kernels are compiled once per
+    instruction set inside the library (``#pragma GCC target``) and the widest one the CPU has
+    is chosen when it loads, so no flag ties the build to the machine that made it."""
     capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
-    flags = ["-O3", "-fopenmp"]
-    if platform.machine() in ("x86_64", "AMD64") and capability in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma", "-mf16c"]
-    else:
+    if not (platform.machine() in ("x86_64", "AMD64") and capability in ("AVX2", "AVX512")):
         capability = "generic"
-    return capability.lower(), flags
+    return capability.lower(), ["-O3", "-fopenmp"]
 
 
 def _disabled() -> bool:
@@ -63,7 +67,8 @@ def _build() -> None:
     from torch.utils.cpp_extension import load
 
     capability, flags = _flags()
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
+    sources = _SOURCE.read_bytes() + _BODY.read_bytes() + (CSRC / "isa_select.h").read_bytes()
+    digest = hashlib.sha256(sources + " ".join(flags).encode()).hexdigest()[:10]
     name = f"sparsity_formats_{capability}_{digest}"
     start = time.perf_counter()
     with ninja_on_path():
@@ -72,13 +77,16 @@ def _build() -> None:
             sources=[str(_SOURCE)],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(_SOURCE.parent), str(CSRC)],
             is_python_module=True,
             verbose=False,
         )
     _state["seconds"] = time.perf_counter() - start
     # The module's binding, not torch.ops.sparsity_formats.condensed_linear: the operator's
     # boxed dispatch cost about 5 us more a call here (a twelfth of a batch-1 (3072, 768) layer).
+    apply_isa_choice(module, "the condensed kernel")
     _state["op"] = module.condensed_linear
+    _state["module"] = module
 
 
 def _ensure() -> None:
@@ -128,11 +136,22 @@ def condensed_linear() -> Any | None:
     return _state["op"]
 
 
+def kernel_isas() -> Any | None:
+    """The loaded extension's ISA controls (``available_isas()``, ``isa()``, ``set_isa(name)``
+    for side-by-side measurements), or None when the kernels are not built."""
+    if condensed_linear() is None:
+        return None
+    return _state.get("module")
+
+
 def native_status() -> dict[str, Any]:
     """Whether the kernels are available, the build/load time, and the error if any."""
     op = condensed_linear()
     capability, flags = _flags()
+    module = _state.get("module")
     return {
+        "isa": module.isa() if module is not None else None,
+        "available_isas": list(module.available_isas()) if module is not None else [],
         "available": op is not None,
         "disabled": bool(_state.get("disabled")),
         "seconds": _state["seconds"],

@@ -23,6 +23,8 @@
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "isa_select.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -88,19 +90,7 @@ struct Table {
 #define SC_ISA_TABLE(NS) \
   Table { SC_ENTRY(NS, f32_i16), SC_ENTRY(NS, f32_i32), SC_ENTRY(NS, f64_i16), SC_ENTRY(NS, f64_i32) }
 
-std::vector<std::string> available() {
-  std::vector<std::string> out;
-#if SC_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-    out.push_back("avx512");
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back("avx2");
-#endif
-  out.push_back("portable");
-  return out;
-}
+std::vector<std::string> available() { return sparsity_isa::available(); }
 
 Table table_for(const std::string& isa) {
 #if SC_X86
@@ -114,13 +104,7 @@ std::string current_isa = available().front();
 Table current = table_for(current_isa);
 
 void set_isa(const std::string& isa) {
-  const auto have = available();
-  if (std::find(have.begin(), have.end(), isa) == have.end()) {
-    std::string known;
-    for (const auto& name : have) known += (known.empty() ? "" : ", ") + name;
-    throw std::invalid_argument("sparsity_core compact kernels: ISA '" + isa +
-                                "' is not available on this CPU; choose among " + known + ".");
-  }
+  sparsity_isa::require(isa, "sparsity_core compact kernels");
   current_isa = isa;
   current = table_for(isa);
 }

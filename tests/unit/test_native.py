@@ -231,3 +231,52 @@ def test_ninja_from_the_package_when_none_is_on_path(monkeypatch):
     with _native.ninja_on_path():
         assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
     assert os.environ["PATH"] == "/nowhere"
+
+
+def _isas():
+    module = _native.kernel_isas() if HAS_TOOLCHAIN else None
+    return list(module.available_isas()) if module is not None else ["portable"]
+
+
+@pytest.mark.slow  # builds the kernel
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 2, 7, 33, 256])
+def test_every_isa_matches_the_pytorch_kernels(isa, dtype, batch):
+    """Each instruction set's build (chosen at load time, switched here) gives the PyTorch
+    path's output, ablated rows and int32 indices included."""
+    kernels = _native.kernel_isas()
+    kernels.set_isa(isa)
+    try:
+        for out_f, in_f, k, ablated in ((37, 300, 7, 3), (64, 40, 5, 0), (16, 2**15 + 5, 12, 2)):
+            weight, mask = _layer(out_f, in_f, k, ablated)
+            packed = Condensed().pack(weight.to(dtype), mask)
+            bias = torch.randn(out_f).to(dtype)
+            x = torch.randn(batch, in_f).to(dtype)
+            with torch.inference_mode():
+                fast = Condensed().linear(packed, x, bias)
+                slow = Condensed(native=False).linear(packed, x, bias)
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            torch.testing.assert_close(fast.float(), slow.float(), rtol=tol, atol=tol)
+    finally:
+        kernels.set_isa(kernels.available_isas()[0])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TOOLCHAIN, reason="needs a C++ compiler and ninja")
+def test_the_isa_environment_variable_picks_one_and_warns_on_an_unknown_one(monkeypatch):
+    from sparsity_core.native import NativeKernelWarning as CoreWarning
+    from sparsity_core.native import apply_isa_choice
+
+    kernels = _native.kernel_isas()
+    try:
+        monkeypatch.setenv("SPARSITY_CORE_ISA", "portable")
+        apply_isa_choice(kernels, "the condensed kernel")
+        assert kernels.isa() == "portable"
+        monkeypatch.setenv("SPARSITY_CORE_ISA", "sse9")
+        with pytest.warns(CoreWarning, match="sse9.*not available"):
+            apply_isa_choice(kernels, "the condensed kernel")
+        assert kernels.isa() == "portable"
+    finally:
+        kernels.set_isa(kernels.available_isas()[0])

@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from .compact import CompactLinear
-from .compacting import to_compact, to_masked
+from .compacting import compact_optimizer_state, to_compact, to_masked
 from .config import DSTConfig, preset
 from .context import ScoreContext
 from .errors import (
@@ -83,6 +83,7 @@ __all__ = [
     "UpdateError",
     "UpdateRecord",
     "__version__",
+    "compact_optimizer_state",
     "export",
     "get_plugin_manager",
     "get_registry",

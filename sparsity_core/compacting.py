@@ -13,8 +13,10 @@ the :class:`~sparsity_core.DSTScheduler` with the same config::
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,11 +25,11 @@ from .compact import CompactLinear, is_compact
 from .config import DSTConfig
 from .distributed import unwrap_model
 from .engine import plan_initial_mask, reinit_layer
-from .errors import ConfigError, LayerError
+from .errors import ConfigError, LayerError, OptimizerError
 from .planning import capacities, plan_layers
 from .registry import Registry
 
-__all__ = ["to_compact", "to_masked"]
+__all__ = ["compact_optimizer_state", "to_compact", "to_masked"]
 
 
 def _set_module(model: nn.Module, fqn: str, module: nn.Module) -> None:
@@ -151,3 +153,63 @@ def to_masked(model: nn.Module) -> nn.Module:
             linear.train(module.training)
             _set_module(inner, fqn, linear)
     return model
+
+
+def compact_optimizer_state(model: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer ``state_dict`` of the masked model, made fit for its compact form.
+
+    Call it after :func:`to_compact` (with ``masks=``) on the state_dict of an optimizer that was
+    built from the masked model's ``parameters()``, and load the result into a new optimizer
+    built the same way from the compact model: :func:`to_compact` keeps the parameters' order
+    (each dense weight's place goes to its layer's ``values``), so every per-weight state tensor
+    of a converted layer is gathered at the layer's active positions (zeros in the padding
+    slots) and everything else is kept as it is.
+
+    The result shares no tensor with ``state`` (``optimizer.state_dict()`` returns the live
+    state, and an optimizer may keep the tensors it is loaded with: two optimizers would then
+    advance one ``step`` counter).
+
+    Raises:
+        OptimizerError: a state tensor of a converted weight that is neither a scalar nor
+            shaped like the dense weight (the gather cannot place it).
+    """
+    params = list(unwrap_model(model).parameters())
+    compact = {
+        id(m.values): m for m in unwrap_model(model).modules() if isinstance(m, CompactLinear)
+    }
+    out = {"param_groups": copy.deepcopy(state["param_groups"]), "state": {}}
+    for index, entry in state["state"].items():
+        param = params[int(index)] if int(index) < len(params) else None
+        layer = compact.get(id(param)) if param is not None else None
+        if layer is None:
+            out["state"][index] = _cloned(entry)
+            continue
+        flat = layer.flat_index()
+        moved = {}
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                moved[key] = _cloned(value)
+                continue
+            if tuple(value.shape) != layer.dense_shape:
+                raise OptimizerError(
+                    f"compact_optimizer_state: state {key!r} of layer {layer.fqn!r} has shape "
+                    f"{tuple(value.shape)}, not the dense weight's {layer.dense_shape}; pass the "
+                    f"state_dict of the optimizer of the masked model this one was converted "
+                    f"from."
+                )
+            slots = value.new_zeros(layer.capacity)
+            slots[: layer.nnz] = value.reshape(-1)[flat.to(value.device)]
+            moved[key] = slots
+        out["state"][index] = moved
+    return out
+
+
+def _cloned(value: Any) -> Any:
+    """``value`` with every tensor in it copied (dicts, lists and tuples walked)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cloned(v) for v in value)
+    return value

@@ -386,6 +386,38 @@ class TestTraining:
         for fqn, w in _weights(model).items():
             assert torch.allclose(w, _weights(twin)[fqn], atol=1e-12)
 
+    def test_a_masked_run_goes_on_compact_with_its_optimizer_state(self):
+        """Convert mid-run with the optimizer's Adam moments carried over
+        (compact_optimizer_state): the compact run then goes on exactly as the masked one."""
+        config = sc.preset("rigl", density=0.25, delta_t=5)
+        model = mlp().double()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        scheduler = DSTScheduler(model, opt, config, total_steps=60)
+        _train(model, opt, scheduler, 12)
+        state, opt_state = scheduler.state_dict(), opt.state_dict()
+        twin = mlp().double()
+        twin.load_state_dict(model.state_dict())
+        to_compact(twin, config, total_steps=60, masks=state["masks"])
+        opt_b = torch.optim.Adam(twin.parameters(), lr=1e-2)
+        opt_b.load_state_dict(sc.compact_optimizer_state(twin, opt_state))
+        compact = DSTScheduler.from_state_dict(twin, opt_b, state)
+        a = _train(model, opt, scheduler, 20, seed=5)
+        b = _train(twin, opt_b, compact, 20, seed=5)
+        assert len(a) > 2
+        assert all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
+        for fqn, w in _weights(model).items():
+            assert torch.allclose(w, _weights(twin)[fqn], atol=1e-12)
+
+    def test_optimizer_state_of_another_model_is_refused(self):
+        config = sc.preset("rigl", density=0.25)
+        model = to_compact(mlp(), config, total_steps=60)
+        other = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 4))
+        opt = torch.optim.Adam(other.parameters())
+        other(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        with pytest.raises(OptimizerError, match=r"layer '0' has shape \(16, 4\)"):
+            sc.compact_optimizer_state(model, opt.state_dict())
+
     def test_to_masked_gives_back_dense_linear_layers_a_masked_scheduler_resumes_on(self):
         _, runs = _pair("rigl")
         model, opt, scheduler = runs[1]

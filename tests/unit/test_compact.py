@@ -362,51 +362,43 @@ class TestTraining:
         scheduler.remove()
         assert not model[0].capture_grad and model[0].captured_grad is None
 
-    def test_a_masked_run_goes_on_compact_from_its_masks(self):
-        """Convert mid-run (masks from the masked scheduler, fresh optimizer state on both):
-        the compact run goes on with the same masks and weights as the masked one."""
-        config = sc.preset("set", density=0.25, delta_t=5)
+    @staticmethod
+    def _go_on_compact(method, make_opt, *, carry_state):
+        """A masked run of 12 steps converted to compact; both go on for 20 more steps (the
+        masked one with its own optimizer, or a fresh one when the state is not carried)."""
+        config = sc.preset(method, density=0.25, delta_t=5)
         model = mlp().double()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        scheduler = DSTScheduler(model, opt, config, total_steps=60)
-        _train(model, opt, scheduler, 12)
-        state = scheduler.state_dict()
-        twin = mlp().double()
-        twin.load_state_dict(model.state_dict())
-        to_compact(twin, config, total_steps=60, masks=state["masks"])
-        opt_b = torch.optim.SGD(twin.parameters(), lr=0.05)
-        compact = DSTScheduler.from_state_dict(twin, opt_b, state)
-        opt_a = torch.optim.SGD(model.parameters(), lr=0.05)
-        masked = DSTScheduler.from_state_dict(model, opt_a, state)
-        scheduler.remove()
-        a = _train(model, opt_a, masked, 20, seed=5)
-        b = _train(twin, opt_b, compact, 20, seed=5)
-        assert len(a) > 2
-        assert all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
-        for fqn, w in _weights(model).items():
-            assert torch.allclose(w, _weights(twin)[fqn], atol=1e-12)
-
-    def test_a_masked_run_goes_on_compact_with_its_optimizer_state(self):
-        """Convert mid-run with the optimizer's Adam moments carried over
-        (compact_optimizer_state): the compact run then goes on exactly as the masked one."""
-        config = sc.preset("rigl", density=0.25, delta_t=5)
-        model = mlp().double()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        opt = make_opt(model.parameters())
         scheduler = DSTScheduler(model, opt, config, total_steps=60)
         _train(model, opt, scheduler, 12)
         state, opt_state = scheduler.state_dict(), opt.state_dict()
         twin = mlp().double()
         twin.load_state_dict(model.state_dict())
         to_compact(twin, config, total_steps=60, masks=state["masks"])
-        opt_b = torch.optim.Adam(twin.parameters(), lr=1e-2)
-        opt_b.load_state_dict(sc.compact_optimizer_state(twin, opt_state))
+        opt_b = make_opt(twin.parameters())
+        if carry_state:
+            opt_b.load_state_dict(sc.compact_optimizer_state(twin, opt_state))
         compact = DSTScheduler.from_state_dict(twin, opt_b, state)
+        if not carry_state:  # the masked run restarts its optimizer too
+            scheduler.remove()
+            opt = make_opt(model.parameters())
+            scheduler = DSTScheduler.from_state_dict(model, opt, state)
         a = _train(model, opt, scheduler, 20, seed=5)
         b = _train(twin, opt_b, compact, 20, seed=5)
         assert len(a) > 2
         assert all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
         for fqn, w in _weights(model).items():
             assert torch.allclose(w, _weights(twin)[fqn], atol=1e-12)
+
+    def test_a_masked_run_goes_on_compact_from_its_masks(self):
+        """Convert mid-run (masks from the masked scheduler, fresh optimizer state on both):
+        the compact run goes on with the same masks and weights as the masked one."""
+        self._go_on_compact("set", lambda p: torch.optim.SGD(p, lr=0.05), carry_state=False)
+
+    def test_a_masked_run_goes_on_compact_with_its_optimizer_state(self):
+        """Convert mid-run with the optimizer's Adam moments carried over
+        (compact_optimizer_state): the compact run then goes on exactly as the masked one."""
+        self._go_on_compact("rigl", lambda p: torch.optim.Adam(p, lr=1e-2), carry_state=True)
 
     def test_optimizer_state_of_another_model_is_refused(self):
         config = sc.preset("rigl", density=0.25)

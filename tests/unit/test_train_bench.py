@@ -317,4 +317,11 @@ def _fails_on_static(spec):
     if spec.method == "static":
         raise ValueError("broken")
     time.sleep(0.5)
-    return {"key": spec.key, "test_accuracy": 0.5, "setting": spec.setting}
+    # The fields run_grid prints for a finished run (a run may finish before the failure).
+    return {
+        "key": spec.key,
+        "test_accuracy": 0.5,
+        "setting": spec.setting,
+        "seconds": 0.5,
+        "step_ms": 1.0,
+    }

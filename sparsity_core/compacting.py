@@ -155,32 +155,47 @@ def to_masked(model: nn.Module) -> nn.Module:
     return model
 
 
-def compact_optimizer_state(model: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
-    """An optimizer ``state_dict`` of the masked model, made fit for its compact form.
+def compact_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A masked model's optimizer ``state_dict``, made fit for ``optimizer`` over its compact form.
 
-    Call it after :func:`to_compact` (with ``masks=``) on the state_dict of an optimizer that was
-    built from the masked model's ``parameters()``, and load the result into a new optimizer
-    built the same way from the compact model: :func:`to_compact` keeps the parameters' order
-    (each dense weight's place goes to its layer's ``values``), so every per-weight state tensor
-    of a converted layer is gathered at the layer's active positions (zeros in the padding
-    slots) and everything else is kept as it is.
+    Call it after :func:`to_compact` (with ``masks=``), with ``optimizer`` built from the compact
+    model exactly as the masked model's optimizer was built (the same parameter groups, each
+    listing its parameters in the same order: :func:`to_compact` puts each layer's ``values``
+    where its dense weight was), and load the result into ``optimizer``. The saved state is
+    matched to ``optimizer``'s parameters group by group and position by position; every
+    per-weight state tensor of a converted layer is gathered at the layer's active positions
+    (zeros in the padding slots), everything else is kept as it is.
 
     The result shares no tensor with ``state`` (``optimizer.state_dict()`` returns the live
     state, and an optimizer may keep the tensors it is loaded with: two optimizers would then
     advance one ``step`` counter).
 
     Raises:
-        OptimizerError: a state tensor of a converted weight that is neither a scalar nor
-            shaped like the dense weight (the gather cannot place it).
+        OptimizerError: groups or group sizes that differ from ``state``'s, or a state tensor of
+            a converted weight that is neither a scalar nor shaped like the dense weight.
     """
-    params = list(unwrap_model(model).parameters())
     compact = {
         id(m.values): m for m in unwrap_model(model).modules() if isinstance(m, CompactLinear)
     }
-    out = {"param_groups": copy.deepcopy(state["param_groups"]), "state": {}}
+    groups, saved = optimizer.param_groups, state["param_groups"]
+    sizes = [len(g["params"]) for g in groups]
+    saved_sizes = [len(g["params"]) for g in saved]
+    if sizes != saved_sizes:
+        raise OptimizerError(
+            f"compact_optimizer_state: the optimizer has parameter groups of sizes {sizes}, the "
+            f"saved state {saved_sizes}; build the compact model's optimizer as the masked one "
+            f"was built (the same groups, the parameters in the same order)."
+        )
+    by_id = {
+        saved_id: param
+        for group, saved_group in zip(groups, saved, strict=True)
+        for param, saved_id in zip(group["params"], saved_group["params"], strict=True)
+    }
+    out = {"param_groups": copy.deepcopy(saved), "state": {}}
     for index, entry in state["state"].items():
-        param = params[int(index)] if int(index) < len(params) else None
-        layer = compact.get(id(param)) if param is not None else None
+        layer = compact.get(id(by_id.get(index)))
         if layer is None:
             out["state"][index] = _cloned(entry)
             continue
@@ -195,7 +210,7 @@ def compact_optimizer_state(model: nn.Module, state: Mapping[str, Any]) -> dict[
                     f"compact_optimizer_state: state {key!r} of layer {layer.fqn!r} has shape "
                     f"{tuple(value.shape)}, not the dense weight's {layer.dense_shape}; pass the "
                     f"state_dict of the optimizer of the masked model this one was converted "
-                    f"from."
+                    f"from, with the compact optimizer built the same way."
                 )
             slots = value.new_zeros(layer.capacity)
             slots[: layer.nnz] = value.reshape(-1)[flat.to(value.device)]

@@ -377,7 +377,7 @@ class TestTraining:
         to_compact(twin, config, total_steps=60, masks=state["masks"])
         opt_b = make_opt(twin.parameters())
         if carry_state:
-            opt_b.load_state_dict(sc.compact_optimizer_state(twin, opt_state))
+            opt_b.load_state_dict(sc.compact_optimizer_state(twin, opt_b, opt_state))
         compact = DSTScheduler.from_state_dict(twin, opt_b, state)
         if not carry_state:  # the masked run restarts its optimizer too
             scheduler.remove()
@@ -403,12 +403,50 @@ class TestTraining:
     def test_optimizer_state_of_another_model_is_refused(self):
         config = sc.preset("rigl", density=0.25)
         model = to_compact(mlp(), config, total_steps=60)
+        compact_opt = torch.optim.Adam(model.parameters())
         other = nn.Sequential(nn.Linear(4, 16), nn.Linear(16, 16), nn.Linear(16, 4))
         opt = torch.optim.Adam(other.parameters())
         other(torch.randn(2, 4)).sum().backward()
         opt.step()
         with pytest.raises(OptimizerError, match=r"layer '0' has shape \(16, 4\)"):
-            sc.compact_optimizer_state(model, opt.state_dict())
+            sc.compact_optimizer_state(model, compact_opt, opt.state_dict())
+
+    def test_parameter_groups_map_state_by_position_not_by_model_order(self):
+        """Weights and biases in two groups (biases first): the state still lands on the
+        right parameters, and groups built differently are refused."""
+        config = sc.preset("rigl", density=0.25, delta_t=5)
+
+        def grouped(model):
+            weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+            biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+            return torch.optim.Adam(
+                [{"params": biases, "weight_decay": 0.0}, {"params": weights}], lr=1e-2
+            )
+
+        model = mlp().double()
+        opt = grouped(model)
+        scheduler = DSTScheduler(model, opt, config, total_steps=60)
+        _train(model, opt, scheduler, 12)
+        twin = mlp().double()
+        twin.load_state_dict(model.state_dict())
+        to_compact(twin, config, total_steps=60, masks=scheduler.masks)
+        opt_b = grouped(twin)
+        opt_b.load_state_dict(sc.compact_optimizer_state(twin, opt_b, opt.state_dict()))
+        for name, param in twin.named_parameters():
+            mine = opt_b.state[param]["exp_avg"]
+            module = twin.get_submodule(name.rpartition(".")[0])
+            theirs = opt.state[
+                model.get_submodule(name.rpartition(".")[0]).weight
+                if name.endswith("values")
+                else model.get_parameter(name)
+            ]
+            if name.endswith("values"):
+                torch.testing.assert_close(module.scatter(mine), theirs["exp_avg"])
+            else:
+                torch.testing.assert_close(mine, theirs["exp_avg"])
+        flat = torch.optim.Adam(twin.parameters(), lr=1e-2)
+        with pytest.raises(OptimizerError, match="groups of sizes"):
+            sc.compact_optimizer_state(twin, flat, opt.state_dict())
 
     def test_to_masked_gives_back_dense_linear_layers_a_masked_scheduler_resumes_on(self):
         _, runs = _pair("rigl")

@@ -172,9 +172,14 @@ def compact_optimizer_state(
     state, and an optimizer may keep the tensors it is loaded with: two optimizers would then
     advance one ``step`` counter).
 
+    Build the groups by module, not by ``p.dim()``: a compact layer's ``values`` is 1-D, so a
+    rule such as "weight decay for parameters of 2 or more dimensions" would put it among the
+    biases (and drop its weight decay); such groups differ in size and are refused here.
+
     Raises:
-        OptimizerError: groups or group sizes that differ from ``state``'s, or a state tensor of
-            a converted weight that is neither a scalar nor shaped like the dense weight.
+        OptimizerError: groups or group sizes that differ from ``state``'s, a state tensor of
+            a converted weight that is neither a scalar nor shaped like the dense weight, or one
+            of another parameter that does not fit the parameter at its position.
     """
     compact = {
         id(m.values): m for m in unwrap_model(model).modules() if isinstance(m, CompactLinear)
@@ -195,8 +200,23 @@ def compact_optimizer_state(
     }
     out = {"param_groups": copy.deepcopy(saved), "state": {}}
     for index, entry in state["state"].items():
-        layer = compact.get(id(by_id.get(index)))
+        param = by_id.get(index)
+        layer = compact.get(id(param))
         if layer is None:
+            for key, value in entry.items():
+                if (
+                    param is not None
+                    and isinstance(value, torch.Tensor)
+                    and value.dim() > 0
+                    and value.shape != param.shape
+                ):
+                    raise OptimizerError(
+                        f"compact_optimizer_state: saved state {key!r} of shape "
+                        f"{tuple(value.shape)} would go to a parameter of shape "
+                        f"{tuple(param.shape)}: the optimizer lists its parameters in another "
+                        f"order than the saved one. Build it as the masked model's optimizer "
+                        f"was built."
+                    )
             out["state"][index] = _cloned(entry)
             continue
         flat = layer.flat_index()

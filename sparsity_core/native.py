@@ -161,7 +161,6 @@ class NativeExtension:
                 verbose=False,
             )
         self.seconds = time.perf_counter() - start
-        apply_isa_choice(module, self.what)
         return module
 
     def load(self) -> Any | None:
@@ -186,6 +185,10 @@ class NativeExtension:
                     )
                 finally:
                     self._tried = True
+                if self.module is not None:
+                    # Outside the build's try: a warning about the choice (an error under
+                    # -W error) must not discard a module that built.
+                    apply_isa_choice(self.module, self.what)
         return self.module
 
     def status(self) -> dict[str, Any]:

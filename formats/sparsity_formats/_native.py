@@ -84,7 +84,6 @@ def _build() -> None:
     _state["seconds"] = time.perf_counter() - start
     # The module's binding, not torch.ops.sparsity_formats.condensed_linear: the operator's
     # boxed dispatch cost about 5 us more a call here (a twelfth of a batch-1 (3072, 768) layer).
-    apply_isa_choice(module, "the condensed kernel")
     _state["op"] = module.condensed_linear
     _state["module"] = module
 
@@ -109,6 +108,9 @@ def _ensure() -> None:
             )
         finally:
             _state["tried"] = True
+        if _state.get("module") is not None:
+            # Outside the build's try: a warning about the choice must not discard the module.
+            apply_isa_choice(_state["module"], "the condensed kernel")
 
 
 def condensed_linear() -> Any | None:

@@ -181,9 +181,8 @@ class CompactLinear(nn.Module):
 
     def rows(self) -> torch.Tensor:
         """The output neuron of each used slot (int64 ``[nnz]``)."""
-        lengths = self.row_ptr[1:] - self.row_ptr[:-1]
         return torch.repeat_interleave(
-            torch.arange(self.out_features, device=self.row_ptr.device), lengths
+            torch.arange(self.out_features, device=self.row_ptr.device), self.row_lengths()
         )
 
     def flat_index(self) -> torch.Tensor:
@@ -294,11 +293,6 @@ class CompactLinear(nn.Module):
 
     # -- products -------------------------------------------------------------------------------
 
-    def _weight_from(self, values: torch.Tensor) -> torch.Tensor:
-        dense = values.new_zeros(self.out_features * self.in_features)
-        dense[self.flat_index()] = values[: self.nnz]
-        return dense.view(self.dense_shape)
-
     def _kernels(self, x: torch.Tensor, values: torch.Tensor) -> Any | None:
         """The compiled kernels when they apply to these tensors, else None (said once per
         layer when the reason is not the user's choice)."""
@@ -326,7 +320,7 @@ class CompactLinear(nn.Module):
     def _product(self, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None):
         kernels = self._kernels(x, values)
         if kernels is None:
-            return F.linear(x, self._weight_from(values), bias)
+            return F.linear(x, self.scatter(values), bias)
         b = _EMPTY if bias is None else bias.detach().contiguous()
         yt = kernels.forward_t(
             x.detach().t().contiguous(),
@@ -365,7 +359,7 @@ class CompactLinear(nn.Module):
         # dtype than x and values: compute in grad_out's, give each gradient its input's.
         low = grad_out.dtype
         if need_x:
-            grad_x = (grad_out @ self._weight_from(values).to(low)).to(x.dtype)
+            grad_x = (grad_out @ self.scatter(values).to(low)).to(x.dtype)
         if need_values or self.capture_grad:
             dense_grad = (grad_out.t() @ x.to(low)).to(values.dtype)
             if self.capture_grad:
@@ -447,7 +441,7 @@ def _refresh_after_load(module: CompactLinear, incompatible: Any) -> None:
     """The cached ``nnz`` follows the loaded ``row_ptr``, once the loaded layout is checked (the
     kernels trust it: a layout of another layer could make them read out of bounds)."""
     row_ptr, nnz = module.row_ptr, int(module.row_ptr[-1])
-    lengths = row_ptr[1:] - row_ptr[:-1]
+    lengths = module.row_lengths()
     problem = None
     if (
         int(row_ptr[0]) != 0

@@ -18,7 +18,7 @@ method (``rigl``: unstructured; ``srigl``: constant fan-in with neuron ablation)
 * the peak resident memory above the resident set during an update step (Linux VmHWM reset
   through /proc/self/clear_refs, as in ``bench_update.py``).
 
-    python benchmarks/bench_train_step.py            # the full grid (about 15 minutes)
+    python benchmarks/bench_train_step.py            # the full grid (about 6 minutes)
     python benchmarks/bench_train_step.py --quick    # a 1.6M-weight smoke test (seconds)
     python benchmarks/bench_train_step.py --isas     # one layer per kernel ISA, beside dense
 

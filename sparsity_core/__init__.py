@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from .compact import CompactLinear
-from .compacting import compact_optimizer_state, to_compact, to_masked
+from .compacting import compact_optimizer_state, masked_optimizer_state, to_compact, to_masked
 from .config import DSTConfig, preset
 from .context import ScoreContext
 from .errors import (
@@ -89,6 +89,7 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "hookspec",
+    "masked_optimizer_state",
     "preset",
     "to_compact",
     "to_masked",

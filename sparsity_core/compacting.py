@@ -29,7 +29,7 @@ from .errors import ConfigError, LayerError, OptimizerError
 from .planning import capacities, plan_layers
 from .registry import Registry
 
-__all__ = ["compact_optimizer_state", "to_compact", "to_masked"]
+__all__ = ["compact_optimizer_state", "masked_optimizer_state", "to_compact", "to_masked"]
 
 
 def _set_module(model: nn.Module, fqn: str, module: nn.Module) -> None:
@@ -145,7 +145,8 @@ def to_compact(
 def to_masked(model: nn.Module) -> nn.Module:
     """Swap every compact layer of ``model`` for a dense ``nn.Linear`` with zeros at inactive
     weights, in place; returns ``model``. A masked scheduler resumes on it from the compact
-    scheduler's ``state_dict()`` (the masks are the same)."""
+    scheduler's ``state_dict()`` (the masks are the same). To carry the optimizer state, take
+    :func:`masked_optimizer_state` before the swap."""
     inner = unwrap_model(model)
     for fqn, module in list(inner.named_modules()):
         if is_compact(module):
@@ -235,6 +236,51 @@ def compact_optimizer_state(
             slots = value.new_zeros(layer.capacity)
             slots[: layer.nnz] = value.reshape(-1)[flat.to(value.device)]
             moved[key] = slots
+        out["state"][index] = moved
+    return out
+
+
+def masked_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer``'s state (an optimizer of the compact ``model``), made fit for the masked
+    model that :func:`to_masked` turns ``model`` into.
+
+    Call it before :func:`to_masked`; build the masked model's optimizer exactly as
+    ``optimizer`` was built (the same groups, each listing its parameters in the same order:
+    :func:`to_masked` puts each layer's dense ``weight`` where its ``values`` was) and load the
+    result into it. Every per-weight state tensor of a compact layer is scattered to the dense
+    weight's shape (zeros at inactive weights, the masked path's invariant for moments); scalars
+    such as Adam's ``step`` and every other parameter's state are kept. No tensor is shared with
+    ``optimizer``'s live state.
+
+    Raises:
+        OptimizerError: a state tensor of a compact layer that is neither a scalar nor shaped
+            like its ``values``.
+    """
+    compact = {
+        id(m.values): m for m in unwrap_model(model).modules() if isinstance(m, CompactLinear)
+    }
+    state = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in state["param_groups"] for i in group["params"]]
+    layer_of = {i: compact.get(id(p)) for i, p in zip(ids, params, strict=True)}
+    out = {"param_groups": copy.deepcopy(state["param_groups"]), "state": {}}
+    for index, entry in state["state"].items():
+        layer = layer_of.get(index)
+        if layer is None:
+            out["state"][index] = _cloned(entry)
+            continue
+        moved = {}
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                moved[key] = _cloned(value)
+                continue
+            if tuple(value.shape) != (layer.capacity,):
+                raise OptimizerError(
+                    f"masked_optimizer_state: state {key!r} of compact layer {layer.fqn!r} has "
+                    f"shape {tuple(value.shape)}, not its values' ({layer.capacity},); only "
+                    f"per-weight state and scalars can be carried to the dense weight."
+                )
+            moved[key] = layer.scatter(value.detach()).clone()
         out["state"][index] = moved
     return out
 

@@ -118,7 +118,9 @@ class NativeExtension:
     Args:
         name: the extension's name prefix.
         source: the ``.cpp`` file; ``depends`` lists files it includes (they key the build).
-        flags: extra compiler flags.
+        flags, ldflags: extra compiler and linker flags. OpenMP is on by default: without it
+        ``at::parallel_for`` in the extension's own code runs every range on the calling thread
+        (ATen's header parallelises only under ``_OPENMP``).
         what: how warnings name it ("the compact-layer kernels").
     """
 
@@ -128,13 +130,15 @@ class NativeExtension:
         source: Path,
         *,
         depends: Sequence[Path] = (),
-        flags: Sequence[str] = ("-O3",),
+        flags: Sequence[str] = ("-O3", "-fopenmp"),
+        ldflags: Sequence[str] = ("-fopenmp",),
         what: str,
     ) -> None:
         self.name = name
         self.source = Path(source)
         self.depends = tuple(Path(p) for p in depends)
         self.flags = list(flags)
+        self.ldflags = list(ldflags)
         self.what = what
         self._lock = threading.Lock()
         self._tried = False
@@ -148,7 +152,7 @@ class NativeExtension:
         digest = hashlib.sha256()
         for path in (self.source, *self.depends):
             digest.update(path.read_bytes())
-        digest.update(" ".join(self.flags).encode())
+        digest.update(" ".join(self.flags + self.ldflags).encode())
         name = f"{self.name}_{cpu_capability()}_{digest.hexdigest()[:10]}"
         start = time.perf_counter()
         with ninja_on_path():
@@ -156,6 +160,7 @@ class NativeExtension:
                 name=name,
                 sources=[str(self.source)],
                 extra_cflags=self.flags,
+                extra_ldflags=self.ldflags,
                 extra_include_paths=[str(self.source.parent), str(CSRC)],
                 is_python_module=True,
                 verbose=False,

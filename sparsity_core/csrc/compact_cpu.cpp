@@ -63,14 +63,14 @@ constexpr int64_t kVecBytes = 16;
 namespace {
 
 template <typename T, typename I>
-using ForwardFn = void (*)(const T*, int64_t, const T*, const I*, const int64_t*, const T*, T*,
-                           int64_t, int64_t);
+using ForwardFn = void (*)(const T*, int64_t, int64_t, const T*, const I*, const int64_t*,
+                           const T*, T*, int64_t, int64_t);
 template <typename T, typename I>
-using GradInputFn = void (*)(const T*, int64_t, const T*, const I*, const int64_t*, T*, int64_t,
-                             int64_t);
+using GradInputFn = void (*)(const T*, int64_t, int64_t, const T*, const I*, const int64_t*, T*,
+                             int64_t, int64_t, int64_t, int64_t);
 template <typename T, typename I>
-using GradValuesFn = void (*)(const T*, const T*, int64_t, const I*, const int64_t*, T*, int64_t,
-                              int64_t);
+using GradValuesFn = void (*)(const T*, const T*, int64_t, int64_t, const I*, const int64_t*, T*,
+                              int64_t, int64_t);
 
 template <typename T, typename I>
 struct Kernels {
@@ -168,6 +168,7 @@ at::Tensor forward_t(const at::Tensor& xt, const at::Tensor& values, const at::T
               bias.scalar_type() == values.scalar_type(),
           "bias must be contiguous, of out_features entries and the dtype of values");
   }
+  const int64_t in_features = xt.size(0);
   const int64_t batch = xt.size(1);
   at::Tensor yt = at::empty({out_features, batch}, values.options());
   const int64_t nnz = row_ptr[out_features].item<int64_t>();
@@ -181,7 +182,7 @@ at::Tensor forward_t(const at::Tensor& xt, const at::Tensor& values, const at::T
     const T* b = has_bias ? bias.data_ptr<T>() : nullptr;
     T* y = yt.data_ptr<T>();
     at::parallel_for(0, out_features, grain_rows(out_features, nnz, batch),
-                     [&](int64_t lo, int64_t hi) { k.forward(x, batch, v, c, p, b, y, lo, hi); });
+                     [&](int64_t lo, int64_t hi) { k.forward(x, in_features, batch, v, c, p, b, y, lo, hi); });
   });
   return yt;
 }
@@ -194,21 +195,28 @@ at::Tensor grad_input_t(const at::Tensor& gyt, const at::Tensor& values, const a
   check(gyt.size(0) == out_features, "gyt must have out_features rows");
   const int64_t batch = gyt.size(1);
   const int64_t nnz = row_ptr[out_features].item<int64_t>();
-  // Rows split into one contiguous range per thread, each adding into its own buffer (as many
-  // buffers as keep the scratch within 256 MiB, at least one).
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), nnz * batch / 65536 + 1));
+  // A wide batch (4 units a thread or more; below, the split by rows measured faster) is split
+  // by columns: each thread adds every row's products into its own columns of one buffer, in
+  // units of kColumnUnit (a whole number of every ISA's tiles). Otherwise rows are split into
+  // one contiguous range per thread, each adding into its own buffer (as many buffers as keep
+  // the scratch within 256 MiB, at least one), and the buffers are summed at the end.
+  constexpr int64_t kColumnUnit = 128;
+  const int64_t units = batch / kColumnUnit;
+  const bool by_columns = threads > 1 && units >= 4 * threads;
   const int64_t buffer_bytes = std::max<int64_t>(1, in_features * batch * values.element_size());
   const int64_t by_memory = std::max<int64_t>(1, (int64_t{256} << 20) / buffer_bytes);
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
-                            nnz * batch / 65536 + 1, by_memory}));
-  at::Tensor parts = at::zeros({threads, in_features, batch}, values.options());
-  std::vector<int64_t> bounds(threads + 1, out_features);
-  {
+  const int64_t parts = by_columns ? threads : std::min(threads, by_memory);
+  at::Tensor buffers = by_columns ? at::empty({1, in_features, batch}, values.options())
+                                  : at::zeros({parts, in_features, batch}, values.options());
+  std::vector<int64_t> bounds(parts + 1, out_features);
+  if (!by_columns) {
     const int64_t* p = row_ptr.data_ptr<int64_t>();
     bounds[0] = 0;
     int64_t r = 0;
-    for (int64_t t = 1; t < threads; ++t) {
-      const int64_t goal = nnz * t / threads;
+    for (int64_t t = 1; t < parts; ++t) {
+      const int64_t goal = nnz * t / parts;
       while (r < out_features && p[r] < goal) ++r;
       bounds[t] = r;
     }
@@ -220,15 +228,24 @@ at::Tensor grad_input_t(const at::Tensor& gyt, const at::Tensor& values, const a
     const T* v = values.data_ptr<T>();
     const I* c = cols.data_ptr<I>();
     const int64_t* p = row_ptr.data_ptr<int64_t>();
-    T* base = parts.data_ptr<T>();
-    const int64_t stride = in_features * batch;
-    at::parallel_for(0, threads, 1, [&](int64_t lo, int64_t hi) {
+    T* base = buffers.data_ptr<T>();
+    at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t part = lo; part < hi; ++part) {
-        k.grad_input(g, batch, v, c, p, base + part * stride, bounds[part], bounds[part + 1]);
+        if (!by_columns) {
+          k.grad_input(g, in_features, batch, v, c, p, base + part * in_features * batch,
+                       bounds[part], bounds[part + 1], 0, batch);
+          continue;
+        }
+        const int64_t c0 = units * part / parts * kColumnUnit;
+        const int64_t c1 = part + 1 == parts ? batch : units * (part + 1) / parts * kColumnUnit;
+        for (int64_t row = 0; row < in_features; ++row) {
+          std::fill(base + row * batch + c0, base + row * batch + c1, T(0));
+        }
+        k.grad_input(g, in_features, batch, v, c, p, base, 0, out_features, c0, c1);
       }
     });
   });
-  return threads == 1 ? parts[0] : parts.sum(0);
+  return buffers.size(0) == 1 ? buffers[0] : buffers.sum(0);
 }
 
 at::Tensor grad_values_t(const at::Tensor& gyt, const at::Tensor& xt, const at::Tensor& cols,
@@ -251,9 +268,21 @@ at::Tensor grad_values_t(const at::Tensor& gyt, const at::Tensor& xt, const at::
     const int64_t* p = row_ptr.data_ptr<int64_t>();
     T* out = grad.data_ptr<T>();
     at::parallel_for(0, out_features, grain_rows(out_features, nnz, batch),
-                     [&](int64_t lo, int64_t hi) { k.grad_values(g, x, batch, c, p, out, lo, hi); });
+                     [&](int64_t lo, int64_t hi) { k.grad_values(g, x, xt.size(0), batch, c, p, out, lo, hi); });
   });
   return grad;
+}
+
+// How many threads at::parallel_for runs a range of `tasks` single-task chunks on. It is 1 when
+// the library was built without OpenMP, whatever at::get_num_threads() says (the ATen header
+// parallelises only under _OPENMP): the test suite checks it.
+int64_t threads_used(int64_t tasks) {
+  std::vector<int> seen(static_cast<size_t>(std::max<int64_t>(1, tasks)), -1);
+  at::parallel_for(0, tasks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) seen[t] = at::get_thread_num();
+  });
+  std::sort(seen.begin(), seen.end());
+  return std::unique(seen.begin(), seen.end()) - seen.begin();
 }
 
 }  // namespace
@@ -266,4 +295,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available_isas", &available);
   m.def("set_isa", &set_isa);
   m.def("isa", &get_isa);
+  m.def("threads_used", &threads_used);
 }

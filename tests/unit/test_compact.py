@@ -264,6 +264,18 @@ def _weights(model):
     }
 
 
+def _go_on_together(run_a, run_b, *, atol):
+    """Train both runs 20 more steps on the same batches: the same masks at every update (more
+    than two of them) and the same weights within ``atol``."""
+    a = _train(*run_a, 20, seed=5)
+    b = _train(*run_b, 20, seed=5)
+    assert len(a) > 2
+    assert all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
+    theirs = _weights(run_b[0])
+    for fqn, w in _weights(run_a[0]).items():
+        torch.testing.assert_close(w, theirs[fqn], atol=atol, rtol=0)
+
+
 def _pair(method="rigl", **over):
     config = sc.preset(method, density=0.25, delta_t=5, **over)
     masked = mlp().double()
@@ -383,12 +395,7 @@ class TestTraining:
             scheduler.remove()
             opt = make_opt(model.parameters())
             scheduler = DSTScheduler.from_state_dict(model, opt, state)
-        a = _train(model, opt, scheduler, 20, seed=5)
-        b = _train(twin, opt_b, compact, 20, seed=5)
-        assert len(a) > 2
-        assert all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
-        for fqn, w in _weights(model).items():
-            assert torch.allclose(w, _weights(twin)[fqn], atol=1e-12)
+        _go_on_together((model, opt, scheduler), (twin, opt_b, compact), atol=1e-12)
 
     def test_a_masked_run_goes_on_compact_from_its_masks(self):
         """Convert mid-run (masks from the masked scheduler, fresh optimizer state on both):
@@ -461,6 +468,34 @@ class TestTraining:
         for fqn, w in weights.items():
             assert torch.equal(model.get_submodule(fqn).weight.detach(), w)
             assert torch.equal(resumed.masks[fqn], state["masks"][fqn])
+
+    def test_to_masked_carries_the_optimizer_state_and_the_run_goes_on_as_masked(self):
+        """A compact Adam run converted to masked mid-way with masked_optimizer_state goes on
+        exactly as the masked run it has matched so far (masks equal, weights within float64
+        tolerance), and the carried moments are zero at inactive weights."""
+        _, runs = _pair("rigl")
+        (masked, opt_m, sched_m), (compact, opt_c, sched_c) = runs
+        _train(masked, opt_m, sched_m, 12)
+        _train(compact, opt_c, sched_c, 12)
+        carried = sc.masked_optimizer_state(compact, opt_c)
+        state = sched_c.state_dict()
+        sched_c.remove()
+        to_masked(compact)
+        opt_b = torch.optim.Adam(compact.parameters(), lr=1e-2)
+        opt_b.load_state_dict(carried)
+        for fqn in ("0", "2", "4"):
+            moments = opt_b.state[compact.get_submodule(fqn).weight]["exp_avg_sq"]
+            assert not bool(moments[~state["masks"][fqn]].any())  # zero where inactive
+        resumed = DSTScheduler.from_state_dict(compact, opt_b, state)
+        _go_on_together((masked, opt_m, sched_m), (compact, opt_b, resumed), atol=1e-10)
+
+    def test_masked_optimizer_state_refuses_state_not_shaped_like_the_values(self):
+        config = sc.preset("rigl", density=0.25)
+        model = to_compact(mlp(), config, total_steps=60)
+        opt = torch.optim.Adam(model.parameters())
+        opt.state[model[0].values]["odd"] = torch.zeros(3, 3)
+        with pytest.raises(OptimizerError, match=r"state 'odd' of compact layer '0'"):
+            sc.masked_optimizer_state(model, opt)
 
 
 class ConvHead(nn.Module):

@@ -64,6 +64,9 @@ CASES = {
     "dense": dict(out_f=16, in_f=16, density=1.1),
     "no bias": dict(out_f=20, in_f=33, density=0.4, bias=False),
     "int32 indices": dict(out_f=3, in_f=2**15 + 7, density=0.01),
+    # Enough work per call (at batch 300) for the rows to be split over the threads, and the
+    # input gradient over one buffer per thread.
+    "threads": dict(out_f=64, in_f=512, density=0.3),
 }
 
 
@@ -75,8 +78,23 @@ def test_every_isa_matches_the_pytorch_path(kernels, isa, dtype, case, lead):
     """Output, input gradient, value gradient and bias gradient agree with the PyTorch path
     (which is the masked dense product) on batch 1, odd batches, tiles plus a tail, 3-D
     inputs, ablated rows, an empty layer, no bias and int32 column indices."""
+    _check_against_the_pytorch_path(kernels, isa, dtype, CASES[case], lead)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ["threads", "ablated rows", "int32 indices"])
+@pytest.mark.parametrize("lead", [(1100,), (3, 700)], ids=lambda s: "x".join(map(str, s)))
+def test_wide_batches_match_the_pytorch_path(kernels, isa, dtype, case, lead):
+    """Batches of 1024 and more: the input gradient is split over the threads by columns
+    (with a tail past the last whole unit of 128), and the products sweep several column
+    blocks."""
+    _check_against_the_pytorch_path(kernels, isa, dtype, CASES[case], lead)
+
+
+def _check_against_the_pytorch_path(kernels, isa, dtype, case, lead):
     use(kernels, isa)
-    native, reference = _pair(**CASES[case], dtype=dtype)
+    native, reference = _pair(**case, dtype=dtype)
     x = torch.randn(*lead, native.in_features, dtype=dtype)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = native(xa), reference(xb)
@@ -122,6 +140,19 @@ def test_the_captured_dense_gradient_matches(kernels, isa):
 def test_compact_training_on_the_kernels_matches_the_masked_path(kernels, method):
     """The kit's equivalence check with the compiled kernels doing the products."""
     check_method_compact_matches_masked(sc.preset(method, density=0.3), max_examples=4)
+
+
+def test_the_kernels_run_on_torchs_threads(kernels):
+    """The library is built with OpenMP: without it at::parallel_for runs every range on the
+    calling thread whatever torch.get_num_threads() says (a build without -fopenmp did, and the
+    kernels ran at half speed on two cores)."""
+    before = torch.get_num_threads()
+    try:
+        assert kernels.threads_used(64) == min(before, 64)
+        torch.set_num_threads(1)
+        assert kernels.threads_used(64) == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_an_unknown_isa_is_refused(kernels):

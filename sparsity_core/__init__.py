@@ -40,6 +40,7 @@ from .protocols import (
 )
 from .registry import ComponentType, Registry, get_plugin_manager, get_registry
 from .scheduler import DSTScheduler
+from .sparse_safetensors import load_safetensors, save_safetensors
 from .telemetry import LayerSummary, UpdateRecord
 
 try:
@@ -89,8 +90,10 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "hookspec",
+    "load_safetensors",
     "masked_optimizer_state",
     "preset",
+    "save_safetensors",
     "to_compact",
     "to_masked",
 ]

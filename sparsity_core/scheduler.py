@@ -220,6 +220,7 @@ class DSTScheduler:
             )
         self._step = 0
         self._optimizer_stepped = False
+        self._grads_masked = False  # mask_grads_() ran since the last optimizer step
         self.history: list[UpdateRecord] = []
         self._captured_grads: dict[str, torch.Tensor] = {}
         # Before touching the model: a checkpoint that does not fit, or ranks that start from
@@ -405,6 +406,19 @@ class DSTScheduler:
     # -- per-step hooks (the hot path: keep them cheap) ----------------------------------------
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._grads_masked:
+            # mask_grads_() took the dense gradient and the momentum already; zero the inactive
+            # gradients again (idempotent) in case a backward pass came after it.
+            for layer in self.layers.values():
+                if not layer.compact and layer.weight.grad is not None:
+                    zero_inactive_(layer.weight.grad, layer.mask)
+            return
+        self._take_grads()
+
+    @torch.no_grad()
+    def _take_grads(self) -> None:
+        """What the step needs of the dense gradients (growth's copy on the step before an
+        update, the gradient momentum), then the inactive gradients zeroed."""
         capture = self._caps.needs_grad and self.is_update_step(self._step + 1)
         beta = self._caps.grad_momentum
         for fqn, layer in self.layers.items():
@@ -427,6 +441,7 @@ class DSTScheduler:
             else:
                 zero_inactive_(layer.weight, layer.mask)
         self._optimizer_stepped = True
+        self._grads_masked = False
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -439,6 +454,26 @@ class DSTScheduler:
     def masks(self) -> dict[str, torch.Tensor]:
         """The live boolean masks by layer name (updated in place; do not modify)."""
         return {fqn: layer.mask for fqn, layer in self.layers.items()}
+
+    def mask_grads_(self) -> None:
+        """Zero the gradients of inactive weights now, before the optimizer step.
+
+        The optimizer's pre-step hook does this anyway; call it yourself when something reads
+        the gradients between ``backward()`` and ``optimizer.step()``, gradient clipping above
+        all: ``torch.nn.utils.clip_grad_norm_`` then measures the gradients that will be
+        applied, not the dense ones. Call it after the step's last backward pass (and after
+        ``GradScaler.unscale_``). Growth still sees the dense gradient: it is taken here, before
+        the zeroing, on the step before an update. Calling it twice in one step changes
+        nothing; compact layers have no inactive gradients.
+        """
+        if not self._hooks:
+            raise SchedulerStateError(
+                f"{self!r} was detached with remove(): it no longer enforces its masks. Build a "
+                f"new scheduler (or DSTScheduler.from_state_dict()) to go on."
+            )
+        if not self._grads_masked:
+            self._take_grads()
+            self._grads_masked = True
 
     def is_update_step(self, step: int) -> bool:
         """Whether the topology changes at ``step`` (before any drop-fraction check)."""
@@ -470,6 +505,7 @@ class DSTScheduler:
                 SparsityWarning,
                 stacklevel=2,
             )
+            self._grads_masked = False  # the skipped step's gradients are not the next one's
             return []
         step = self._step + 1
         records: list[UpdateRecord] = []
@@ -480,6 +516,7 @@ class DSTScheduler:
             self._captured_grads.clear()
         self._step = step
         self._optimizer_stepped = False
+        self._grads_masked = False
         self._arm_capture()
         if records:
             self.history.extend(records)

@@ -34,7 +34,7 @@ class TestReadme:
         torch.manual_seed(0)
         namespace: dict = {}
         blocks = _python_blocks()
-        assert len(blocks) == 5
+        assert len(blocks) == 6
         for block in blocks:
             exec(compile(block, str(README), "exec"), namespace)
         assert (tmp_path / "checkpoint.pt").exists()

@@ -202,6 +202,8 @@ def migrated_config(state: Mapping[str, Any]) -> dict[str, Any]:
     resume under the current ablation rule (see ``sparsity_plugins.structure_ablation``).
     """
     config = dict(state["config"])
+    # Checkpoints written before optimizer-state policies existed reset state only.
+    config.setdefault("optimizer_state", {"kind": "reset"})
     if state.get("schema_version") == 1:
         config.setdefault("budget_rounding", "per_layer")
         config.setdefault("init_mask", {"kind": "random"})

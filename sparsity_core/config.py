@@ -16,6 +16,7 @@ from .protocols import (
     Distribution,
     DropSchedule,
     GrowthCriterion,
+    OptimizerStatePolicy,
     PruneCriterion,
     Reinitializer,
     StructureConstraint,
@@ -33,6 +34,7 @@ _PROTOCOLS = {
     ComponentType.DISTRIBUTION: Distribution,
     ComponentType.SCHEDULE: DropSchedule,
     ComponentType.REINIT: Reinitializer,
+    ComponentType.OPTIMIZER_STATE: OptimizerStatePolicy,
 }
 
 
@@ -299,6 +301,9 @@ class DSTConfig:
             random; ``magnitude``: the largest initial magnitudes.
         reinit: re-initialises the weights once the initial mask is drawn, e.g.
             ``sparse_fan_in`` (rescale for each neuron's sparse fan-in); ``none`` (default).
+        optimizer_state: the optimizer state of grown weights beyond the zeroed moments:
+            ``reset`` (default: nothing more) or ``adam_fresh_step`` (Adam/AdamW: each grown
+            weight's bias correction counts from its growth, as a fresh Adam's would).
     """
 
     prune: Any = attrs.field(
@@ -347,6 +352,11 @@ class DSTConfig:
         default="none",
         converter=_converter(ComponentType.REINIT),
         validator=_implements(ComponentType.REINIT),
+    )
+    optimizer_state: Any = attrs.field(
+        default="reset",
+        converter=_converter(ComponentType.OPTIMIZER_STATE),
+        validator=_implements(ComponentType.OPTIMIZER_STATE),
     )
 
     def to_dict(self, registry: Registry | None = None) -> dict[str, Any]:
@@ -423,6 +433,7 @@ _FIELD_TYPES = {
     "drop": ComponentType.SCHEDULE,
     "init_mask": ComponentType.PRUNE,
     "reinit": ComponentType.REINIT,
+    "optimizer_state": ComponentType.OPTIMIZER_STATE,
 }
 
 

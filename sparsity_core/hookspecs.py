@@ -75,6 +75,12 @@ def sparsity_register_reinits(register: RegisterFn) -> None:
 
 
 @hookspec
+def sparsity_register_optimizer_state_policies(register: RegisterFn) -> None:
+    """Register optimizer-state policies (:class:`~sparsity_core.protocols.OptimizerStatePolicy`):
+    what the optimizer's state of a grown weight is, e.g. ``adam_fresh_step``."""
+
+
+@hookspec
 def sparsity_register_formats(register: RegisterFn) -> None:
     """Register storage formats (:class:`~sparsity_core.protocols.StorageFormat`)."""
 

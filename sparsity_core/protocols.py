@@ -22,6 +22,7 @@ __all__ = [
     "Distribution",
     "DropSchedule",
     "GrowthCriterion",
+    "OptimizerStatePolicy",
     "PruneCriterion",
     "Reinitializer",
     "StorageFormat",
@@ -165,6 +166,32 @@ class Reinitializer(Protocol):
         generator: torch.Generator,
     ) -> None:
         """Change ``weight`` in place at the positions ``mask`` keeps."""
+
+
+@runtime_checkable
+class OptimizerStatePolicy(Protocol):
+    """The optimizer state of grown weights.
+
+    On every topology update the engine zeroes the per-element state of dropped and grown
+    weights (any optimizer). A policy may add to that: with ``tracks_age`` the scheduler keeps,
+    for every weight grown since the start, the optimizer step count at its growth (checkpointed
+    with the masks), and calls :meth:`after_step` after each optimizer step with the weights
+    that still need it.
+    """
+
+    tracks_age: bool
+
+    def check(self, optimizer: Any, param: torch.Tensor, fqn: str) -> None:
+        """Raise :class:`~sparsity_core.errors.OptimizerError` (naming ``fqn``) unless the
+        policy can serve this optimizer and parameter; called when the scheduler is built."""
+
+    def after_step(
+        self, optimizer: Any, param: torch.Tensor, index: torch.Tensor, born: torch.Tensor
+    ) -> torch.Tensor | None:
+        """After an optimizer step: ``index`` (int64) are positions in ``param.view(-1)`` of
+        grown weights, ``born`` (float64) the optimizer's step count when each grew. Change
+        ``param`` in place; return a boolean tensor over ``index`` of those to keep tracking
+        (None: all)."""
 
 
 @runtime_checkable

@@ -63,6 +63,7 @@ class ComponentType(str, enum.Enum):
     DISTRIBUTION = "distribution"
     SCHEDULE = "schedule"
     REINIT = "reinit"
+    OPTIMIZER_STATE = "optimizer_state"
     FORMAT = "format"
     PRESET = "preset"
     STRATEGY = "strategy"
@@ -79,6 +80,7 @@ _HOOKS = {
     ComponentType.DISTRIBUTION: "sparsity_register_distributions",
     ComponentType.SCHEDULE: "sparsity_register_schedules",
     ComponentType.REINIT: "sparsity_register_reinits",
+    ComponentType.OPTIMIZER_STATE: "sparsity_register_optimizer_state_policies",
     ComponentType.FORMAT: "sparsity_register_formats",
     ComponentType.PRESET: "sparsity_register_presets",
     ComponentType.STRATEGY: "sparsity_register_strategies",

@@ -41,6 +41,7 @@ from .engine import (
     zero_inactive_,
 )
 from .errors import (
+    CheckpointError,
     ConfigError,
     SchedulerStateError,
     SparsityWarning,
@@ -221,6 +222,13 @@ class DSTScheduler:
         self._step = 0
         self._optimizer_stepped = False
         self._grads_masked = False  # mask_grads_() ran since the last optimizer step
+        self._policy = self.config.optimizer_state
+        # With a policy that tracks ages: per layer, the dense positions of weights grown so
+        # far, the optimizer's step count at their growth, and their index into the parameter.
+        self._young: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        if self._policy.tracks_age:
+            for fqn, layer in self.layers.items():
+                self._policy.check(optimizer, layer.param, fqn)
         self.history: list[UpdateRecord] = []
         self._captured_grads: dict[str, torch.Tensor] = {}
         # Before touching the model: a checkpoint that does not fit, or ranks that start from
@@ -440,6 +448,10 @@ class DSTScheduler:
                 layer.module.zero_padding_()
             else:
                 zero_inactive_(layer.weight, layer.mask)
+        for fqn, (pos, born, index) in list(self._young.items()):
+            keep = self._policy.after_step(optimizer, self.layers[fqn].param, index, born)
+            if keep is not None and not bool(keep.all()):
+                self._young[fqn] = (pos[keep], born[keep], index[keep])
         self._optimizer_stepped = True
         self._grads_masked = False
 
@@ -591,6 +603,9 @@ class DSTScheduler:
             commit_change(self.layers[fqn], change, self.optimizer, step, fraction)
             for fqn, change in changes.items()
         ]
+        if self._policy.tracks_age:
+            for fqn, change in changes.items():
+                self._track_growth(fqn, change.new_mask, change.grown)
         if self.config.budget_rounding == "global":
             # What each layer holds now is its share until the next update.
             for fqn, change in changes.items():
@@ -598,6 +613,33 @@ class DSTScheduler:
                 if budget_step(layer.structure, layer.spec) is not None:
                     layer.budget = change.count()
         return records
+
+    def _track_growth(self, fqn: str, new_mask: torch.Tensor, grown: torch.Tensor) -> None:
+        """Record the weights ``grown`` in this update (born at the optimizer's step count for
+        the layer) and forget the tracked ones that were dropped or grown again."""
+        layer = self.layers[fqn]
+        state = self.optimizer.state.get(layer.param, {})
+        born_now = float(state["step"]) if "step" in state else 0.0
+        device = layer.mask.device
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        pos, born, _ = self._young.get(fqn, (empty, empty.double(), empty))
+        still = new_mask.reshape(-1)[pos] & ~grown.reshape(-1)[pos]
+        new = grown.reshape(-1).nonzero().squeeze(1)
+        pos = torch.cat([pos[still], new])
+        born = torch.cat(
+            [born[still], torch.full((new.numel(),), born_now, dtype=torch.float64, device=device)]
+        )
+        self._young[fqn] = (pos, born, self._param_index(layer, pos))
+
+    @staticmethod
+    def _param_index(layer: LayerState, pos: torch.Tensor) -> torch.Tensor:
+        """Dense positions of active weights as indices into the trained parameter: the same
+        positions for a dense weight, the slots holding them for a compact layer."""
+        if not layer.compact:
+            return pos
+        flat = layer.module.flat_index()
+        order = torch.argsort(flat)
+        return order[torch.searchsorted(flat[order], pos)]
 
     def _rebalance(self, changes: dict[str, MaskChange], step: int) -> dict[str, MaskChange]:
         """Move what ablation left unused to the layers that can take it (global rounding).
@@ -761,6 +803,10 @@ class DSTScheduler:
                 if layer.grad_momentum is not None
             },
             "history": [record.to_dict() for record in self.history],
+            "grown_at": {
+                fqn: {"positions": pos.cpu().clone(), "step": born.cpu().clone()}
+                for fqn, (pos, born, _) in self._young.items()
+            },
         }
 
     @classmethod
@@ -810,6 +856,21 @@ class DSTScheduler:
         self.history = [UpdateRecord(**record) for record in state.get("history", [])]
         self._relayout_to_masks()
         self._apply_masks(reset_optimizer=False)
+        self._young = {}
+        for fqn, saved in (
+            dict(state.get("grown_at") or {}).items() if self._policy.tracks_age else ()
+        ):
+            layer = self.layers[fqn]
+            pos = saved["positions"].to(device=layer.mask.device, dtype=torch.long)
+            born = saved["step"].to(device=layer.mask.device, dtype=torch.float64)
+            if pos.shape != born.shape or (
+                pos.numel() and not bool(layer.mask.reshape(-1)[pos].all())
+            ):
+                raise CheckpointError(
+                    f"checkpoint grown_at[{fqn!r}] lists positions that its mask does not hold; "
+                    f"the file was edited or is damaged."
+                )
+            self._young[fqn] = (pos, born, self._param_index(layer, pos))
         self._arm_capture()
 
     def __repr__(self) -> str:

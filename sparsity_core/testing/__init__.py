@@ -66,6 +66,10 @@ from .run_checks import (
     check_same_seed_same_masks,
     check_zero_drop_is_identity,
 )
+from .state_policy_checks import (
+    check_state_policy_only_tracked,
+    check_state_policy_training_invariants,
+)
 from .structure_checks import (
     check_structure_budget,
     check_structure_budget_step,
@@ -129,6 +133,8 @@ __all__ = [
     "check_reinit_only_active",
     "check_same_seed_same_masks",
     "check_schedule_fraction_in_range",
+    "check_state_policy_only_tracked",
+    "check_state_policy_training_invariants",
     "check_structure_budget",
     "check_structure_budget_step",
     "check_structure_keep",

@@ -9,7 +9,13 @@ import attrs
 
 from .. import registry as _registry
 from ..config import DSTConfig
-from ..protocols import Distribution, DropSchedule, Reinitializer, StructureConstraint
+from ..protocols import (
+    Distribution,
+    DropSchedule,
+    OptimizerStatePolicy,
+    Reinitializer,
+    StructureConstraint,
+)
 from ..registry import ComponentEntry, ComponentType
 from ..structures import COARSE, level_of
 
@@ -29,6 +35,7 @@ COMPONENT_KINDS: dict[str, tuple[ComponentType, ...]] = {
     "schedule": (ComponentType.SCHEDULE,),
     "format": (ComponentType.FORMAT,),
     "reinit": (ComponentType.REINIT,),
+    "optimizer_state": (ComponentType.OPTIMIZER_STATE,),
     "method": (),
     "preset": (ComponentType.PRESET,),
 }
@@ -65,12 +72,14 @@ def component_kind(component: Any) -> str:
         return "criterion"
     if isinstance(component, Reinitializer):
         return "reinit"
+    if isinstance(component, OptimizerStatePolicy):
+        return "optimizer_state"
     if callable(component) and not isinstance(component, type):
         return "preset"
     raise TypeError(
         f"the testing kit cannot check {component!r}: pass a component instance (a prune or "
-        f"growth criterion, structure, distribution, drop schedule, re-initialisation or "
-        f"storage format), a "
+        f"growth criterion, structure, distribution, drop schedule, re-initialisation, "
+        f"optimizer-state policy or storage format), a "
         f"DSTConfig, or a preset function returning one. A class must be instantiated first."
     )
 

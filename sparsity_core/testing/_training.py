@@ -75,6 +75,7 @@ def _components(config: Any) -> list[tuple[ComponentType, Any]]:
         (ComponentType.SCHEDULE, config.drop),
         (ComponentType.PRUNE, config.init_mask),
         (ComponentType.REINIT, config.reinit),
+        (ComponentType.OPTIMIZER_STATE, config.optimizer_state),
     ]
     structures = list(config.structures)
     for rule in config.rules:

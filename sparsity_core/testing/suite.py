@@ -59,6 +59,10 @@ from .reinit_checks import (
     check_reinit_finite,
     check_reinit_only_active,
 )
+from .state_policy_checks import (
+    check_state_policy_only_tracked,
+    check_state_policy_training_invariants,
+)
 from .structure_checks import (
     check_structure_budget,
     check_structure_budget_step,
@@ -134,6 +138,7 @@ CHECKS: dict[str, tuple[Check, ...]] = {
         check_format_rejects_unsupported,
     ),
     "reinit": (check_reinit_only_active, check_reinit_finite, check_reinit_deterministic),
+    "optimizer_state": (check_state_policy_only_tracked, check_state_policy_training_invariants),
     "method": METHOD_CHECKS,
     "preset": (check_preset_accepts_overrides, *METHOD_CHECKS),
 }

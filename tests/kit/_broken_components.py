@@ -410,6 +410,55 @@ class GlobalRngReinit:
 
 
 @attrs.frozen
+class WholeTensorFreshStep:
+    """Broken: applies its correction to every weight, not only the grown ones."""
+
+    tracks_age = True
+
+    def check(self, optimizer, param, fqn):
+        return None
+
+    def after_step(self, optimizer, param, index, born):
+        with torch.no_grad():
+            param.mul_(0.5)
+        return None
+
+
+@attrs.frozen
+class OffByOneFreshStep:
+    """Broken: corrects the weight after each grown one (an off-by-one index), which may be
+    inactive."""
+
+    tracks_age = True
+
+    def check(self, optimizer, param, fqn):
+        return None
+
+    def after_step(self, optimizer, param, index, born):
+        flat = param.view(-1)
+        with torch.no_grad():
+            flat.index_add_(
+                0, (index + 1) % flat.numel(), torch.full(index.shape, 1e-3, dtype=param.dtype)
+            )
+        return None
+
+
+@attrs.frozen
+class NaNFreshStep:
+    """Broken: ``1/born - 1/born``, NaN for a weight grown at step 0."""
+
+    tracks_age = True
+
+    def check(self, optimizer, param, fqn):
+        return None
+
+    def after_step(self, optimizer, param, index, born):
+        with torch.no_grad():
+            param.view(-1).index_add_(0, index, (1 / born - 1 / born).to(param.dtype))
+        return torch.ones_like(index, dtype=torch.bool)
+
+
+@attrs.frozen
 class WrongStepFanIn(ConstantFanIn):
     """Broken: declares a budget step of 1 weight, but a constant fan-in moves a whole column."""
 

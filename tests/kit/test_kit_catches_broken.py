@@ -35,9 +35,11 @@ from _broken_components import (
     LeakyDense,
     MutatingGrowth,
     NaNAtEndDrop,
+    NaNFreshStep,
     NoCapture,
     NoisyTieBreakFill,
     NormalisedGradientGrowth,
+    OffByOneFreshStep,
     OneGroupOffNM,
     OverDroppingKeep,
     OverOneDrop,
@@ -50,6 +52,7 @@ from _broken_components import (
     UndeclaredGradGrowth,
     UndeclaredRandomGrowth,
     WholeRowScale,
+    WholeTensorFreshStep,
     WrongStepFanIn,
     ZeroFanInScale,
     preset_ignoring_overrides,
@@ -96,6 +99,8 @@ from sparsity_core.testing import (
     check_reinit_finite,
     check_reinit_only_active,
     check_schedule_fraction_in_range,
+    check_state_policy_only_tracked,
+    check_state_policy_training_invariants,
     check_structure_budget,
     check_structure_budget_step,
     check_structure_keep,
@@ -159,6 +164,12 @@ COMPONENT_CASES = [
     _case(check_reinit_only_active, WholeRowScale(), "changed .* inactive weight"),
     _case(check_reinit_finite, ZeroFanInScale(), "NaN or Inf"),
     _case(check_reinit_deterministic, GlobalRngReinit(), "global torch RNG"),
+    # optimizer-state policies
+    _case(check_state_policy_only_tracked, WholeTensorFreshStep(), "outside the given positions"),
+    _case(
+        check_state_policy_training_invariants, OffByOneFreshStep(), "inactive weight is not zero"
+    ),
+    _case(check_state_policy_only_tracked, NaNFreshStep(), "NaN or Inf"),
     # formats
     _case(check_format_keeps_live_zeros, InferringCSR(), "live zeros"),
     _case(check_format_round_trip, LeakyDense(), r"differs from w\.masked_fill"),

@@ -122,6 +122,7 @@ class TestComponentIds:
             "distribution",
             "schedule",
             "reinit",
+            "optimizer_state",
             "format",
             "preset",
         }

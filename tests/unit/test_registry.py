@@ -126,6 +126,10 @@ class EveryHookPlugin:
         register("acme_reinit", object)
 
     @hookimpl
+    def sparsity_register_optimizer_state_policies(self, register):
+        register("acme_optimizer_state", object)
+
+    @hookimpl
     def sparsity_register_formats(self, register):
         register("acme_format", EchoFormat, summary="dense weight * mask")
 

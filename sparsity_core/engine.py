@@ -23,7 +23,7 @@ from .errors import ConfigError, UpdateError
 from .layers import LayerSpec
 from .optim_state import param_shaped_state, reset_state_at
 from .rng import make_generator
-from .selection import count
+from .selection import any_set, count
 from .structures import active_rows_of, realized_budget
 from .telemetry import UpdateRecord, active_neurons
 
@@ -202,7 +202,7 @@ def compute_change(
     )
     prune_scores = _score("prune", prune, prune_ctx)
     keep = _structure_call(structure, "keep", spec, step, prune_scores, mask, fraction, spec)
-    if keep.dtype != torch.bool or keep.shape != mask.shape or bool((keep & ~mask).any()):
+    if keep.dtype != torch.bool or keep.shape != mask.shape or any_set(keep & ~mask):
         raise UpdateError(
             f"structure {_component_name(structure)} kept positions that were not active on "
             f"layer {spec.fqn!r}; keep() must return a boolean subset of the mask."
@@ -236,7 +236,7 @@ def compute_change(
     expected = realized_budget(structure, spec, layer.budget, new_mask)
     held = count(new_mask)
     if (
-        bool((new_mask & ~(keep | candidates)).any())
+        any_set(new_mask & ~(keep | candidates))
         or held != expected
         or expected > layer.budget
         or not structure.satisfied(new_mask, spec, layer.budget)
@@ -299,7 +299,7 @@ def resize_change(
         not isinstance(new_mask, torch.Tensor)
         or new_mask.dtype != torch.bool
         or new_mask.shape != mask.shape
-        or bool((new_mask & ~(base | candidates)).any())
+        or any_set(new_mask & ~(base | candidates))
         or count(new_mask) != budget
         or not structure.satisfied(new_mask, spec, budget)
     ):

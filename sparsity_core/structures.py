@@ -188,7 +188,7 @@ def fixed_density(structure: Any, spec: LayerSpec) -> float | None:
 
 def active_rows_of(mask: torch.Tensor) -> torch.Tensor:
     """Output neurons with at least one active weight (an all-off row is an ablated neuron)."""
-    return mask.reshape(mask.shape[0], -1).any(dim=1)
+    return row_counts(mask.reshape(mask.shape[0], -1)) > 0
 
 
 class GroupedStructure:

@@ -8,6 +8,8 @@ from typing import Any
 import attrs
 import torch
 
+from .selection import row_counts
+
 __all__ = ["LayerSummary", "UpdateRecord", "active_neurons", "itop_rate"]
 
 
@@ -73,7 +75,7 @@ class LayerSummary:
 
 def active_neurons(mask: torch.Tensor) -> int:
     """Output neurons (rows / output channels) with at least one active weight."""
-    return int(mask.reshape(mask.shape[0], -1).any(dim=1).sum())
+    return int((row_counts(mask.reshape(mask.shape[0], -1)) > 0).sum())
 
 
 def itop_rate(summaries: Iterable[LayerSummary | UpdateRecord]) -> float:

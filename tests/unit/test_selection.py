@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sparsity_core import selection
 from sparsity_core.errors import UpdateError
-from sparsity_core.selection import priority, topk_mask
+from sparsity_core.selection import priority, row_counts, topk_mask
 
 
 def check_topk(scores: torch.Tensor, k: int, candidates: torch.Tensor, out: torch.Tensor) -> None:
@@ -98,3 +98,37 @@ def test_check_topk_catches_a_broken_selection(monkeypatch, broken):
     k = int(0.03 * int(candidates.sum()))
     with pytest.raises(AssertionError):
         check_topk(scores, k, candidates, topk_mask(scores, k, candidates))
+
+
+@given(
+    st.integers(1, 40),
+    st.sampled_from([1, 7, 8, 64, 72, 2040, 2048, 2056, 4096]),
+    st.floats(0.0, 1.0),
+    st.integers(0, 2**31 - 1),
+)
+def test_row_counts_matches_a_plain_sum(rows, cols, density, seed):
+    """Every path of row_counts (the byte sum, and the 64-bit word sums of rows whose length
+    is a multiple of 8, chunked below and above 255 words) counts exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=gen) < density
+    assert torch.equal(row_counts(mask), mask.sum(dim=1))
+    full = torch.ones(rows, cols, dtype=torch.bool)
+    assert torch.equal(row_counts(full), torch.full((rows,), cols))
+    assert torch.equal(row_counts(mask.t().contiguous().t()), mask.sum(dim=1))  # a strided view
+
+
+@given(
+    st.lists(st.integers(1, 70), min_size=1, max_size=3),
+    st.sampled_from([0.0, 1e-3, 0.5]),
+    st.integers(0, 2**31 - 1),
+    st.booleans(),
+)
+def test_any_set_matches_any(shape, density, seed, transpose):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(*shape, generator=gen) < density
+    if transpose and mask.dim() > 1:
+        mask = mask.transpose(0, -1)  # not contiguous: the plain path
+    assert selection.any_set(mask) == bool(mask.any())
+    one = torch.zeros(*shape, dtype=torch.bool)
+    one.view(-1)[-1] = True  # the last position alone, in the last word
+    assert selection.any_set(one)
